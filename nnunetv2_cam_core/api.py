@@ -1,0 +1,241 @@
+"""The pipeline: preprocess (nnU-Net's preprocessor) -> sliding window with CAM -> export in the original geometry."""
+import json
+import os
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+from .export import CaseOutputs, maps_to_original, segmentation_to_original, write_overview, write_slices, \
+    write_float_image
+from .inputs import find_cases, read_case, read_label
+from .layers import resolve_layers
+from .methods import get_method
+from .model import fold_networks, require_previous_stage
+from .progress import Progress
+from .sliding_window import CamSpec, sliding_window_cam
+from .targets import resolve_targets
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return [x] if isinstance(x, (str, int)) else list(x)
+
+
+@dataclass
+class CaseResult:
+    segmentation: np.ndarray             # original geometry, rw array order
+    cams: Dict[str, np.ndarray]          # label name -> float32 in [0, 1], original geometry
+    raw: Dict[str, np.ndarray]           # label name -> unnormalised map, original geometry
+    info: dict = field(default_factory=dict)
+
+
+class CamEngine:
+    """An initialised nnU-Net predictor plus what to explain: layers, method, classes, pooling, region."""
+
+    def __init__(self, predictor, target_layer=None, target_class=1, method: str = 'gradcam',
+                 pooling: str = 'volume', target_region: str = 'predicted', pool_size: Optional[int] = None,
+                 pool_mode: str = 'max'):
+        if pooling not in ('volume', 'tile'):
+            raise UsageError(f'--pooling must be volume or tile, not {pooling!r}')
+        if target_region not in ('predicted', 'all'):
+            raise UsageError(f'--target-region must be predicted or all, not {target_region!r}')
+        self.predictor = predictor
+        self.method = get_method(method, pool_size, pool_mode)
+        self.targets = resolve_targets(predictor.label_manager, predictor.dataset_json, _as_list(target_class))
+        self.networks = fold_networks(predictor)
+        self.layers = resolve_layers(self.networks[0], _as_list(target_layer))
+        self.pooling, self.region = pooling, target_region
+
+    def preprocess(self, files: Sequence[str], target_mask: Optional[str] = None,
+                   prev_stage: Optional[str] = None):
+        """Read and check the case, then nnU-Net's own preprocessing. Returns (data, properties, mask, image)."""
+        p = self.predictor
+        cm, pm = p.configuration_manager, p.plans_manager
+        require_previous_stage(cm.previous_stage_name, prev_stage)
+        if prev_stage is not None and target_mask is not None:
+            raise UsageError('--target-mask cannot be combined with a cascade model (-prev_stage_predictions)')
+        rw = pm.image_reader_writer_class()
+        n_channels = len(p.dataset_json.get('channel_names', p.dataset_json.get('modality', {})))
+        data, props = read_case(rw, files, n_channels, len(cm.patch_size) == 3)
+        image = data[0].copy()
+        seg = None
+        if target_mask is not None:
+            seg = (read_label(rw, target_mask, props, data.shape[1:], 'target mask') > 0).astype(np.int8)
+            if not seg.any():
+                raise UsageError(f'target mask {target_mask} is empty; draw the region as nonzero voxels')
+        elif prev_stage is not None:
+            seg = read_label(rw, prev_stage, props, data.shape[1:], 'previous-stage segmentation')
+        pre = cm.preprocessor_class(verbose=False)
+        data, seg, props = pre.run_case_npy(data, seg, props, pm, cm, p.dataset_json)
+        mask = None
+        if prev_stage is not None:
+            from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
+            onehot = convert_labelmap_to_one_hot(seg[0], p.label_manager.foreground_labels, data.dtype)
+            data = np.vstack((data, onehot))
+        elif target_mask is not None:
+            mask = torch.from_numpy(seg[0] > 0)
+        return torch.from_numpy(data), props, mask, image
+
+    def run(self, data: torch.Tensor, properties: dict, mask: Optional[torch.Tensor] = None,
+            on_tile: Optional[Callable[[int, int], None]] = None) -> CaseResult:
+        """Preprocessed data and its properties -> segmentation and CAMs in the original geometry, in memory."""
+        p = self.predictor
+        t0 = time.perf_counter()
+        spec = CamSpec(self.method, self.layers, self.targets, self.pooling, self.region, mask)
+        out = sliding_window_cam(p, self.networks, data, spec, on_tile)
+        t1 = time.perf_counter()
+        seg = segmentation_to_original(out.logits, properties, p)
+        # several layers: each normalised, then averaged
+        per_layer = out.cams
+        if per_layer.shape[1] > 1:
+            peak = per_layer.flatten(2).amax(2).clamp(min=1e-30)
+            raw = (per_layer / peak.view(*peak.shape, *[1] * (per_layer.ndim - 2))).mean(1)
+        else:
+            raw = per_layer[:, 0]
+        raw_orig = maps_to_original(raw, properties, p)
+        t2 = time.perf_counter()
+        cams, raws, stats = {}, {}, {}
+        for i, t in enumerate(self.targets):
+            r = raw_orig[i]
+            peak = float(r.max())
+            c = r / peak if peak > 0 else np.zeros_like(r)
+            cams[t.name], raws[t.name] = c.astype(np.float32), r
+            inside = float(c[seg == t.label].sum()) / float(c.sum()) if c.sum() > 0 else 0.0
+            stats[t.name] = {'label': t.label, 'min': float(c.min()), 'max': float(c.max()), 'mean': float(c.mean()),
+                             'raw_max': peak, 'energy_in_predicted_mask': inside,
+                             'predicted_voxels': int((seg == t.label).sum()),
+                             'tile_mask_disagreement': out.tile_mask_disagreement[i]}
+        info = {'tiles': out.n_tiles, 'classes': stats,
+                'timings_s': {'sliding_window': round(t1 - t0, 3), 'export': round(t2 - t1, 3)}}
+        return CaseResult(seg, cams, raws, info)
+
+
+def predict_with_cam(predictor, data: Union[np.ndarray, torch.Tensor], properties: dict, target_layer=None,
+                     target_class=1, method: str = 'gradcam', **options):
+    """Lower-level entry: an initialised nnUNetPredictor, a preprocessed (C, *shape) array and its properties
+    (from nnU-Net's preprocessor) -> (segmentation, {label name: CAM in [0, 1]}), both in the original geometry."""
+    engine = CamEngine(predictor, target_layer, target_class, method, **options)
+    res = engine.run(torch.as_tensor(data), properties)
+    return res.segmentation, res.cams
+
+
+def _versions() -> dict:
+    out = {'python': platform.python_version()}
+    for pkg in ('nnunetv2', 'torch', 'numpy', 'SimpleITK', 'nnunetv2-cam-core', 'grad-cam'):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _safe(name: str) -> str:
+    return re.sub(r'[^A-Za-z0-9._-]+', '_', name)
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f'.nnunetcam-write-test-{os.getpid()}'
+        probe.write_bytes(b'')
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f'output folder {folder} is not writable ({e.strerror}); choose another -o') from None
+
+
+def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str, Path], *,
+              target_mask: Optional[str] = None, prev_stage_folder: Optional[str] = None, save_raw: bool = False,
+              save_numpy: bool = False, save_slices: bool = False, overwrite: bool = False,
+              progress: Optional[Progress] = None, run_info: Optional[dict] = None) -> Dict[str, CaseResult]:
+    """Every case in `inputs` -> files in `output_folder`, one case at a time, each written atomically."""
+    p = engine.predictor
+    progress = progress or Progress('none')
+    out_dir = Path(output_folder)
+    check_writable(out_dir)
+    ending = p.dataset_json['file_ending']
+    rw = p.plans_manager.image_reader_writer_class()
+    cases = find_cases(inputs, rw.supported_file_endings, p.dataset_json.get('channel_names',
+                                                                               p.dataset_json.get('modality', {})))
+    if target_mask is not None and len(cases) > 1:
+        raise UsageError('--target-mask applies to one case; pass a single case with it')
+    method = engine.method.name
+    results = {}
+    for case, files in cases.items():
+        progress.case = case
+        if (out_dir / f'{case}_cam.json').is_file() and not overwrite:
+            progress.emit('skip', message=f'{case}: outputs exist in {out_dir}, skipped (use --overwrite to redo)')
+            continue
+        t0 = time.perf_counter()
+        progress.stage('preprocess', case)
+        prev = None
+        if prev_stage_folder is not None:
+            prev = os.path.join(prev_stage_folder, case + ending)
+            if not os.path.isfile(prev):
+                raise UsageError(f'no previous-stage segmentation {prev}; run the previous stage on {case} first')
+        data, props, mask, image = engine.preprocess(files, target_mask, prev)
+        t1 = time.perf_counter()
+        progress.stage('tiles', case)
+        res = engine.run(data, props, mask, on_tile=progress.tiles)
+        progress.stage('export', case)
+        for name, st in res.info['classes'].items():
+            if st['raw_max'] == 0:
+                progress.emit('warning', message=f'{case}: target {name!r} is absent (no voxels predicted as it, or '
+                                                 f'no activation); wrote a zero map')
+        with CaseOutputs(out_dir) as co:
+            rw.write_seg(res.segmentation, co.path(case + ending), props)
+            files_by_class = {}
+            for name in res.cams:
+                stem = f'{case}_cam_{_safe(name)}_{_safe(method)}'
+                write_float_image(res.cams[name], co.path(stem + ending), props)
+                files_by_class[name] = stem + ending
+                if save_raw:
+                    write_float_image(res.raw[name], co.path(f'{case}_camraw_{_safe(name)}_{_safe(method)}{ending}'),
+                                      props)
+                if save_numpy:
+                    np.save(co.path(stem + '.npy'), res.cams[name])
+                if save_slices:
+                    save_slices_dir = co.path(stem + '_slices')
+                    write_slices(image, res.cams[name], save_slices_dir, case)
+            if save_slices:
+                write_overview(image, res.segmentation, res.cams, co.path(f'{case}_overview.png'))
+            timings = {'preprocess': round(t1 - t0, 3), **res.info['timings_s'],
+                       'total': round(time.perf_counter() - t0, 3)}
+            sidecar = {**(run_info or {}), 'case': case, 'inputs': list(files), 'method': method,
+                       'layers': engine.layers, 'pooling': engine.pooling if engine.method.pooled else None,
+                       'target_region': 'mask' if target_mask else engine.region, 'target_mask': target_mask,
+                       'tta': bool(p.use_mirroring and p.allowed_mirroring_axes), 'step_size': p.tile_step_size,
+                       'device': str(p.device), 'tiles': res.info['tiles'], 'timings_s': timings,
+                       'segmentation': case + ending, 'cams': files_by_class, 'classes': res.info['classes'],
+                       'versions': _versions()}
+            with open(co.path(f'{case}_cam.json'), 'w') as f:
+                json.dump(sidecar, f, indent=2)
+            written = co.commit()
+        progress.emit('result', files=sorted(written.values()),
+                      message=f'{case}: wrote {len(written)} outputs to {out_dir}')
+        results[case] = res
+    return results
+
+
+def run_cam_for_prediction(predictor, input_files, output_folder, target_layer=None, target_class=1,
+                           method: str = 'gradcam', cam_type: Optional[str] = None, verbose: bool = False,
+                           save_slices: bool = True, save_numpy: bool = False, pool_size: Optional[int] = None,
+                           pool_mode: str = 'max', pooling: str = 'volume', overwrite: bool = True) -> List[np.ndarray]:
+    """Compatible with nnunetv2-cam's API: returns one CAM per case (first target class) in [0, 1], now in the
+    ORIGINAL image geometry, and writes the segmentation, CAM files, sidecar and (by default) PNG slices.
+    `cam_type` is accepted and ignored: 2D and 3D follow the model's configuration."""
+    engine = CamEngine(predictor, target_layer, target_class, method, pooling=pooling, pool_size=pool_size,
+                       pool_mode=pool_mode)
+    inputs = [input_files] if isinstance(input_files, (str, Path)) else list(input_files)
+    results = run_cases(engine, [str(i) for i in inputs], output_folder, save_slices=save_slices,
+                        save_numpy=save_numpy, overwrite=overwrite, progress=Progress('bar' if verbose else 'none'))
+    first = engine.targets[0].name
+    return [r.cams[first] for r in results.values()]

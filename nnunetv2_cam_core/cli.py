@@ -1,0 +1,172 @@
+"""`nnunetv2_cam` / `python -m nnunetv2_cam_core`: segmentation + CAMs for any trained nnU-Net v2 model."""
+import argparse
+import contextlib
+import json
+import sys
+import traceback
+from typing import List, Optional
+
+from .errors import CamError, UsageError
+from .progress import Progress
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='nnunetv2_cam',
+        description='Segmentation and Class Activation Maps for a trained nnU-Net v2 model, written in the '
+                    'original image geometry. `nnunetv2_cam check-env` reports packages and devices.')
+    io = p.add_argument_group('input and output')
+    io.add_argument('-i', '--input', nargs='+', help='image file(s) or folder in nnU-Net naming (CASE_0000.nii.gz)')
+    io.add_argument('-o', '--output', help='output folder')
+    io.add_argument('--target-mask', help='label file in the input image\'s geometry: explain the class over '
+                                          'these voxels (one case)')
+    io.add_argument('-prev_stage_predictions', help='folder with previous-stage segmentations (cascade models)')
+    io.add_argument('--overwrite', action='store_true', help='redo cases whose outputs exist (default: skip them)')
+    io.add_argument('--save-raw', action='store_true', help='also write the unnormalised CAM')
+    io.add_argument('--save-numpy', action='store_true', help='also write the CAM as .npy')
+    io.add_argument('--save-slices', action='store_true', help='also write PNG overlays, one per slice, and an overview')
+    io.add_argument('--no-save-slices', action='store_true', help='no PNGs (the default; kept for compatibility)')
+    m = p.add_argument_group('model')
+    m.add_argument('-m', '--model', help='trained model folder (holds dataset.json, plans.json, fold_N/)')
+    m.add_argument('-d', help='dataset name or id, resolved under $nnUNet_results (instead of -m)')
+    m.add_argument('-c', help='configuration, e.g. 3d_fullres (with -d)')
+    m.add_argument('-tr', default='nnUNetTrainer', help='trainer (with -d; default: %(default)s)')
+    m.add_argument('-p', default='nnUNetPlans', help='plans identifier (with -d; default: %(default)s)')
+    m.add_argument('-f', '--folds', nargs='+', help='folds to ensemble, or "all" (default: every trained fold)')
+    m.add_argument('-chk', '--checkpoint', default='checkpoint_final.pth', help='default: %(default)s')
+    m.add_argument('-device', default='auto', help='auto, cuda, cpu or mps (default: auto = cuda if available)')
+    m.add_argument('-step_size', type=float, default=0.5, help='sliding window step, fraction of the patch '
+                                                               '(default: %(default)s)')
+    m.add_argument('--disable-tta', '--disable_tta', dest='disable_tta', action='store_true',
+                   help='no mirroring test-time augmentation')
+    c = p.add_argument_group('CAM')
+    c.add_argument('--target-layer', nargs='+', action='extend', help='module name(s) from --list-layers, or the '
+                   'shortcuts bottleneck / last_decoder; several are each normalised and averaged (default: '
+                   'bottleneck, the last encoder stage)')
+    c.add_argument('--target-class', nargs='+', default=['1'], help='class index(es) or dataset.json label name(s); '
+                   'several share one forward pass (default: 1)')
+    c.add_argument('--method', default='gradcam', help='CAM method (see --list-methods; default: %(default)s)')
+    c.add_argument('--pooling', choices=('volume', 'tile'), default='volume',
+                   help='pooled methods: one weight vector from all tiles (volume, default) or per tile')
+    c.add_argument('--target-region', choices=('predicted', 'all'), default='predicted',
+                   help='sum the class logit over the voxels predicted as the class (default) or all voxels')
+    c.add_argument('--pool-size', type=int, help='segxrescam only: gradient pooling window')
+    c.add_argument('--pool-mode', default='max', choices=('max', 'mean'), help='segxrescam only (default: max)')
+    c.add_argument('--cam-type', choices=('2d', '3d'), help='accepted for compatibility; the configuration decides')
+    o = p.add_argument_group('information')
+    o.add_argument('--list-methods', action='store_true', help='list CAM methods and exit')
+    o.add_argument('--list-layers', action='store_true', help='list the model\'s layers (with -m) and exit')
+    o.add_argument('--progress', choices=('bar', 'json', 'none'), default='bar',
+                   help='bar: tqdm on stderr; json: one JSON object per line on stdout')
+    o.add_argument('--verbose', action='store_true', help='tracebacks on errors')
+    return p
+
+
+def check_env() -> dict:
+    import torch
+    from .api import _versions
+    info = {'versions': _versions(), 'cuda_available': torch.cuda.is_available(), 'devices': ['cpu']}
+    if torch.cuda.is_available():
+        info['devices'] += [f'cuda:{i} {torch.cuda.get_device_name(i)}' for i in range(torch.cuda.device_count())]
+        try:
+            (torch.ones(2, device='cuda') * 2).sum().item()
+            info['cuda_works'] = True
+        except RuntimeError as e:
+            info['cuda_works'] = False
+            info['cuda_error'] = str(e).splitlines()[0]
+    return info
+
+
+def _list_methods(as_json: bool) -> None:
+    from .methods import available_methods
+    rows = available_methods()
+    if as_json:
+        print(json.dumps(rows))
+    else:
+        for name, desc in rows.items():
+            print(f'{name:20s} {desc}')
+
+
+def _load(args):
+    from .model import check_cascade, load_predictor, resolve_device, resolve_folds, resolve_model_folder
+    folder = resolve_model_folder(args.model, args.d, args.c, args.tr, args.p)
+    if not args.list_layers:
+        check_cascade(folder, args.prev_stage_predictions)
+    folds = resolve_folds(folder, args.folds, args.checkpoint)
+    device = resolve_device(args.device)
+    return folder, folds, load_predictor(folder, folds, args.checkpoint, device, args.step_size, not args.disable_tta)
+
+
+def _list_layers(args, as_json: bool, out) -> None:
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from .layers import list_layers
+    _, _, pred = _load(args)
+    n_in = determine_num_input_channels(pred.plans_manager, pred.configuration_manager, pred.dataset_json)
+    rows = list_layers(pred.network.to(pred.device).eval(), pred.configuration_manager.patch_size, n_in, pred.device)
+    if as_json:
+        print(json.dumps(rows), file=out)
+        return
+    print(f'{"layer":45s} {"type":22s} {"output (C, *spatial)":24s} {"stride":14s}', file=out)
+    for r in rows:
+        print(f'{r["name"]:45s} {r["type"]:22s} {str(r["shape"]):24s} {str(r["stride"]):14s} {r["mark"]}', file=out)
+
+
+def run(args, progress: Progress) -> int:
+    from .api import CamEngine, run_cases
+    from .model import configuration_of
+    if not args.input or not args.output:
+        raise UsageError('-i INPUT and -o OUTPUT are required (or use --list-methods / --list-layers)')
+    progress.stage('load')
+    folder, folds, predictor = _load(args)
+    engine = CamEngine(predictor, args.target_layer, args.target_class, args.method, args.pooling,
+                       args.target_region, args.pool_size, args.pool_mode)
+    run_info = {'model': str(folder), 'configuration': configuration_of(folder), 'trainer': predictor.trainer_name, 'folds': list(folds), 'checkpoint': args.checkpoint}
+    run_cases(engine, args.input, args.output, target_mask=args.target_mask,
+              prev_stage_folder=args.prev_stage_predictions, save_raw=args.save_raw, save_numpy=args.save_numpy,
+              save_slices=args.save_slices and not args.no_save_slices, overwrite=args.overwrite, progress=progress,
+              run_info=run_info)
+    progress.stage('done')
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ['check-env']:
+        print(json.dumps(check_env(), indent=2))
+        return 0
+    args = build_parser().parse_args(argv)
+    as_json = args.progress == 'json'
+    progress = Progress(args.progress, stream=sys.stdout)
+    try:
+        if args.list_methods:
+            _list_methods(as_json)
+            return 0
+        # in json mode stdout carries only our JSON lines; nnU-Net's prints go to stderr
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            if args.list_layers:
+                _list_layers(args, as_json, progress.stream)
+                return 0
+            return run(args, progress)
+    except CamError as e:
+        progress.close()
+        if as_json:
+            progress.emit('error', message=str(e), exit_code=e.exit_code)
+        print(f'error: {e}', file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return e.exit_code
+    except KeyboardInterrupt:
+        progress.close()
+        print('error: cancelled; no partial outputs were kept', file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure still gets one line
+        progress.close()
+        msg = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
+        if as_json:
+            progress.emit('error', message=msg, exit_code=1)
+        print(f'error: {msg} (rerun with --verbose for the traceback)', file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return 1
+    finally:
+        progress.close()

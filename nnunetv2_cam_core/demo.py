@@ -1,0 +1,188 @@
+"""Tiny synthetic nnU-Net models for the demo and the tests, trained with nnU-Net's own planner and trainer.
+
+`python -m nnunetv2_cam_core.demo` builds them once (cached, keyed on the nnunetv2 version), then writes the
+segmentation, CAMs, PNG overlays and sidecar for a sample case and prints where they are.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+DATASET_ID = 987
+DATASET_NAME = f'Dataset{DATASET_ID:03d}_TinyCAM'
+LABELS = {'background': 0, 'lesion': 1, 'organ': 2}
+RESENC_PLANS = 'nnUNetResEncUNetMPlans'
+BUILD_VERSION = 2  # bump when the synthetic data or training recipe changes
+# anisotropic, rotated, offset: geometry that exposes any axis or direction mix-up
+SPACING = (0.9, 0.9, 2.0)
+DIRECTION = (0.9396926, -0.3420201, 0.0, 0.3420201, 0.9396926, 0.0, 0.0, 0.0, 1.0)
+ORIGIN = (-31.5, 12.25, 40.0)
+
+
+def default_cache() -> Path:
+    root = os.environ.get('NNUNETCAM_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'nnunetcam'))
+    return Path(root) / f'tiny-models-nnunetv2-{version("nnunetv2")}-v{BUILD_VERSION}'
+
+
+def synthetic_case(rng: np.random.Generator, shape=(20, 40, 40), spacing=SPACING, objects: int = 1,
+                   border: int = 2):
+    """Image (z, y, x) with bright spheres (lesion) and boxes (organ) on noise, zero border so nnU-Net crops."""
+    import SimpleITK as sitk
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing='ij'), -1).astype(np.float32)
+    mm = grid * np.array(spacing[::-1], np.float32)
+    img = rng.normal(100, 10, shape).astype(np.float32)
+    lab = np.zeros(shape, np.uint8)
+    inner = [(border + 2, s - border - 2) for s in shape]
+    for k in range(objects):
+        # lesion spheres in the left half of x, organ boxes in the right half
+        lo_x, hi_x = inner[2]
+        mid = (lo_x + hi_x) // 2
+        c = [rng.uniform(a + 3, b - 3) for a, b in inner[:2]] + [rng.uniform(lo_x + 3, mid - 3)]
+        r = rng.uniform(4.5, 7.0)
+        d = np.linalg.norm(mm - np.array(c, np.float32) * np.array(spacing[::-1], np.float32), axis=-1)
+        lab[d < r] = 1
+        half = [rng.integers(2, 4), rng.integers(3, 6), rng.integers(3, 6)]
+        cb = [int(rng.integers(a + h, b - h)) for (a, b), h in zip(inner[:2], half[:2])] + \
+             [int(rng.integers(mid + half[2], hi_x - half[2]))]
+        lab[tuple(slice(cc - h, cc + h) for cc, h in zip(cb, half))] = 2
+    img[lab == 1] += 220
+    img[lab == 2] += 90
+    img += 50
+    for ax in range(3):
+        sl = [slice(None)] * 3
+        sl[ax] = slice(0, border)
+        img[tuple(sl)] = 0
+        lab[tuple(sl)] = 0
+        sl[ax] = slice(shape[ax] - border, None)
+        img[tuple(sl)] = 0
+        lab[tuple(sl)] = 0
+    out = []
+    for arr in (img, lab):
+        im = sitk.GetImageFromArray(arr)
+        im.SetSpacing(spacing)
+        im.SetDirection(DIRECTION)
+        im.SetOrigin(ORIGIN)
+        out.append(im)
+    return out[0], out[1]
+
+
+def write_sample_case(folder: Path, seed: int = 123, shape=(36, 72, 72), spacing=(1.0, 1.0, 2.2),
+                      name: str = 'sample') -> Path:
+    """A test case larger than the patch (several tiles) with spacing unlike the plan's (so resampling happens).
+    Its ground truth goes to folder/labels/."""
+    import SimpleITK as sitk
+    folder.mkdir(parents=True, exist_ok=True)
+    img, lab = synthetic_case(np.random.default_rng(seed), shape, spacing, objects=3)
+    path = folder / f'{name}_0000.nii.gz'
+    sitk.WriteImage(img, str(path))
+    (folder / 'labels').mkdir(exist_ok=True)
+    sitk.WriteImage(lab, str(folder / 'labels' / f'{name}.nii.gz'))
+    return path
+
+
+def _train(configuration: str, fold: int, epochs: int = 12):
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+    trainer = get_trainer_from_args(DATASET_NAME, configuration, fold, device=torch.device('cpu'))
+    # nnU-Net's own trainer, just far fewer iterations
+    trainer.num_epochs = epochs
+    trainer.num_iterations_per_epoch = 12
+    trainer.num_val_iterations_per_epoch = 2
+    trainer.run_training()
+
+
+def _untrained_resenc():
+    """A ResidualEncoderUNet model folder from nnU-Net's ResEnc M planner, with its initial weights (layer names
+    and the CAM path are what it tests; no training)."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import join, save_json
+    from nnunetv2.run.run_training import get_trainer_from_args
+    trainer = get_trainer_from_args(DATASET_NAME, '3d_fullres', 0, plans_identifier=RESENC_PLANS,
+                                    device=torch.device('cpu'))
+    trainer.initialize()
+    os.makedirs(trainer.output_folder, exist_ok=True)
+    save_json(trainer.plans_manager.plans, join(trainer.output_folder_base, 'plans.json'), sort_keys=False)
+    save_json(trainer.dataset_json, join(trainer.output_folder_base, 'dataset.json'), sort_keys=False)
+    trainer.save_checkpoint(join(trainer.output_folder, 'checkpoint_final.pth'))
+
+
+def build_tiny_models(root: Path, n_train: int = 6) -> Path:
+    """Dataset + plans + preprocessing + training for 2d (fold 0) and 3d_fullres (folds 0, 1), plus an untrained
+    ResEnc M 3d_fullres model. Returns the nnUNet_results folder."""
+    results = root / 'nnUNet_results'
+    done = root / 'BUILT'
+    if done.is_file():
+        return results
+    tmp = Path(tempfile.mkdtemp(prefix='.building-', dir=root.parent if root.parent.exists() else None))
+    os.environ.update(nnUNet_raw=str(tmp / 'nnUNet_raw'), nnUNet_preprocessed=str(tmp / 'nnUNet_preprocessed'),
+                      nnUNet_results=str(tmp / 'nnUNet_results'))
+    import SimpleITK as sitk
+    raw = tmp / 'nnUNet_raw' / DATASET_NAME
+    (raw / 'imagesTr').mkdir(parents=True)
+    (raw / 'labelsTr').mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n_train):
+        img, lab = synthetic_case(rng)
+        sitk.WriteImage(img, str(raw / 'imagesTr' / f'tiny_{i:03d}_0000.nii.gz'))
+        sitk.WriteImage(lab, str(raw / 'labelsTr' / f'tiny_{i:03d}.nii.gz'))
+    (raw / 'dataset.json').write_text(json.dumps({
+        'channel_names': {'0': 'T1'}, 'labels': LABELS, 'numTraining': n_train, 'file_ending': '.nii.gz'}))
+
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                      preprocess)
+    extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True)
+    plan_experiments([DATASET_ID])
+    plan_experiments([DATASET_ID], 'nnUNetPlannerResEncM')
+    preprocess([DATASET_ID], configurations=('2d', '3d_fullres'), num_processes=(1, 1), show_progress_bar=False)
+    os.environ['nnUNet_n_proc_DA'] = '0'  # augment in-process: no worker pool on a 2-core machine
+    _train('3d_fullres', 0)
+    _train('3d_fullres', 1)
+    _train('2d', 0, epochs=30)
+    _untrained_resenc()
+    root.mkdir(parents=True, exist_ok=True)
+    if results.exists():
+        shutil.rmtree(results)
+    shutil.move(str(tmp / 'nnUNet_results'), str(results))
+    shutil.rmtree(tmp)
+    done.write_text(version('nnunetv2'))
+    return results
+
+
+def model_folder(results: Path, configuration: str = '3d_fullres', plans: str = 'nnUNetPlans') -> Path:
+    return results / DATASET_NAME / f'nnUNetTrainer__{plans}__{configuration}'
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description='Build the tiny demo model if absent and run NNUNetCAM on a sample case.')
+    p.add_argument('-o', '--output', default='demo_output', help='output folder (default: %(default)s)')
+    p.add_argument('--cache', type=Path, default=None, help='where the tiny models live (default: %(default)s)')
+    p.add_argument('--build-only', action='store_true', help='only build (or find) the tiny models')
+    args = p.parse_args(argv)
+    root = args.cache or default_cache()
+    print(f'tiny models: {root} ({"cached" if (root / "BUILT").is_file() else "building, a few minutes on CPU"})')
+    results = build_tiny_models(root)
+    if args.build_only:
+        print(results)
+        return 0
+    from .cli import main as cli_main
+    out = Path(args.output).resolve()
+    case = write_sample_case(out / 'input')
+    # the toy task is decided by intensity at full resolution, so the last decoder stage is the telling layer here
+    rc = cli_main(['-i', str(case), '-o', str(out), '-m', str(model_folder(results)), '-f', '0', '1',
+                   '--target-class', 'lesion', 'organ', '--target-layer', 'last_decoder', '--save-slices',
+                   '-device', 'cpu', '--overwrite'])
+    if rc == 0:
+        print(f'\ndemo outputs in {out}:')
+        for f in sorted(out.iterdir()):
+            print(f'  {f.name}{"/" if f.is_dir() else ""}')
+    return rc
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Back to the original image geometry, with nnU-Net's export steps, and atomic writing of a case's files."""
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+from .errors import CamError
+
+
+def segmentation_to_original(logits: torch.Tensor, properties: dict, predictor) -> np.ndarray:
+    """nnU-Net's own logits -> segmentation export: resample, argmax/regions, insert the crop, transpose back."""
+    return convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager, properties)
+
+
+def maps_to_original(maps: torch.Tensor, properties: dict, predictor) -> np.ndarray:
+    """(n, *preprocessed) float maps -> (n, *original): the same resampling as nnU-Net's probabilities (spacing
+    permuted by transpose_forward), zeros outside the crop, then transpose_backward."""
+    pm, cm = predictor.plans_manager, predictor.configuration_manager
+    spacing = [properties['spacing'][i] for i in pm.transpose_forward]
+    shape = properties['shape_after_cropping_and_before_resampling']
+    current = cm.spacing if len(cm.spacing) == len(shape) else [spacing[0], *cm.spacing]
+    resampled = np.asarray(cm.resampling_fn_probabilities(maps, shape, current, spacing), dtype=np.float32)
+    np.maximum(resampled, 0, out=resampled)  # higher-order resampling can undershoot
+    full = np.zeros((maps.shape[0], *properties['shape_before_cropping']), dtype=np.float32)
+    full = insert_crop_into_image(full, resampled, properties['bbox_used_for_cropping'])
+    return full.transpose([0] + [i + 1 for i in pm.transpose_backward])
+
+
+def write_float_image(arr: np.ndarray, path: str, properties: dict) -> None:
+    """A float32 map with the reader's geometry (nnU-Net's write_seg would cast it to integers)."""
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if 'sitk_stuff' in properties:
+        import SimpleITK as sitk
+        st = properties['sitk_stuff']
+        img = sitk.GetImageFromArray(arr[0] if len(st['spacing']) == 2 else arr)
+        img.SetSpacing(st['spacing'])
+        img.SetOrigin(st['origin'])
+        img.SetDirection(st['direction'])
+        if 'original_orientation' in st:
+            img = sitk.DICOMOrient(img, st['original_orientation'])
+        sitk.WriteImage(img, path, True)
+    elif 'nibabel_stuff' in properties:
+        import nibabel
+        nb = properties['nibabel_stuff']
+        if 'reoriented_affine' in nb:
+            from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+            img = nibabel.Nifti1Image(arr.transpose((2, 1, 0)), affine=nb['reoriented_affine'])
+            img = img.as_reoriented(ornt_transform(axcodes2ornt('RAS'), io_orientation(nb['original_affine'])))
+        else:
+            img = nibabel.Nifti1Image(arr.transpose((2, 1, 0)), affine=nb['original_affine'])
+        nibabel.save(img, path)
+    else:
+        raise CamError('this model\'s image reader/writer keeps no geometry that float maps can be written with; '
+                       'use a model with SimpleITKIO or NibabelIO, or --save-numpy')
+
+
+class CaseOutputs:
+    """Collects a case's files in a hidden temp folder inside the output folder; `commit` moves them all into place,
+    and leaving the block by an exception removes them, so a failed or cancelled run leaves nothing partial."""
+
+    def __init__(self, output_folder: Path):
+        self.output_folder = output_folder
+        self.tmp = Path(tempfile.mkdtemp(prefix='.nnunetcam-', dir=output_folder))
+        self.files: Dict[str, Path] = {}
+
+    def path(self, name: str) -> str:
+        self.files[name] = self.tmp / name
+        return str(self.files[name])
+
+    def commit(self) -> Dict[str, str]:
+        out = {}
+        # the sidecar goes last: its presence marks a finished case (resume)
+        for name in sorted(self.files, key=lambda n: n.endswith('_cam.json')):
+            dest = self.output_folder / name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(self.files[name], dest)
+            out[name] = str(dest)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _window(image: np.ndarray) -> np.ndarray:
+    vals = image[image != 0] if np.any(image != 0) else image
+    lo, hi = np.percentile(vals, [1, 99])
+    return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
+
+
+def overlay(gray: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """Jet CAM over a windowed gray slice, as uint8 RGB; weak activation stays see-through."""
+    from matplotlib import colormaps
+    jet = colormaps['jet'](cam)[..., :3]
+    alpha = 0.55 * np.clip(cam * 4, 0, 1)[..., None]
+    rgb = gray[..., None] * (1 - alpha) + jet * alpha
+    return (rgb * 255).astype(np.uint8)
+
+
+def write_slices(image: np.ndarray, cam: np.ndarray, folder: str, case: str) -> None:
+    """One PNG per slice (first array axis): jet CAM over the original intensities, window from percentiles."""
+    from PIL import Image
+    os.makedirs(folder)
+    gray = _window(image.astype(np.float32))
+    for k in range(image.shape[0]):
+        Image.fromarray(overlay(gray[k], cam[k])).save(os.path.join(folder, f'{case}_{k:03d}.png'))
+
+
+def write_overview(image: np.ndarray, seg: np.ndarray, cams: Dict[str, np.ndarray], path: str) -> None:
+    """One picture per case: for each class, the slice with the most CAM, image | segmentation | CAM overlay."""
+    from PIL import Image, ImageDraw
+    gray = _window(image.astype(np.float32))
+    rows = []
+    for name, cam in cams.items():
+        k = int(np.argmax(cam.reshape(cam.shape[0], -1).sum(1)))
+        g = (np.repeat(gray[k][..., None], 3, -1) * 255).astype(np.uint8)
+        s = g.copy()
+        palette = np.array([[0, 0, 0], [255, 80, 80], [80, 200, 255], [120, 255, 120], [255, 220, 60]], np.uint8)
+        lab = seg[k]
+        s[lab > 0] = (0.5 * s[lab > 0] + 0.5 * palette[np.minimum(lab[lab > 0], len(palette) - 1)]).astype(np.uint8)
+        row = np.concatenate([g, s, overlay(gray[k], cam[k])], 1)
+        scale = max(1, 192 // row.shape[0])
+        img = Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST)
+        ImageDraw.Draw(img).text((4, 2), f'{name}  (slice {k})  image | segmentation | CAM', fill=(255, 255, 0))
+        rows.append(np.asarray(img))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    Image.fromarray(np.concatenate(rows, 0)).save(path)

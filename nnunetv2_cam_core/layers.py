@@ -1,0 +1,86 @@
+"""Target layers: names, defaults, listing, and capturing their outputs during the forward pass."""
+import difflib
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+
+def bottleneck(network: nn.Module) -> str:
+    """The last encoder stage."""
+    return f'encoder.stages.{len(network.encoder.stages) - 1}'
+
+
+def decoder_stages(network: nn.Module) -> List[str]:
+    """Decoder stages, lowest resolution first (decoder.stages.0)."""
+    return [f'decoder.stages.{i}' for i in range(len(network.decoder.stages))]
+
+
+def resolve_layers(network: nn.Module, names: Sequence[str]) -> List[str]:
+    modules = dict(network.named_modules())
+    if not names:
+        return [bottleneck(network)]
+    out = []
+    for name in names:
+        key = {'bottleneck': bottleneck(network), 'last_decoder': decoder_stages(network)[-1]}.get(name, name)
+        if key not in modules or not key:
+            close = difflib.get_close_matches(key, [m for m in modules if m], n=5, cutoff=0.5)
+            raise UsageError(f'unknown target layer {name!r}; closest: {", ".join(close) or "none"} '
+                             f'(run --list-layers -m MODEL to see all)')
+        out.append(key)
+    return out
+
+
+class LayerCapture:
+    """Forward hooks on the target layers. The first one to run is cut from the graph and made a leaf, so the
+    backward stops there: no gradients for the encoder below it and none for parameters."""
+
+    def __init__(self, network: nn.Module, names: Sequence[str]):
+        self.outputs: Dict[str, torch.Tensor] = {}
+        modules = dict(network.named_modules())
+        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            if not self.outputs:
+                output = output.detach().requires_grad_(True)
+            self.outputs[name] = output
+            return output
+        return hook
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def list_layers(network: nn.Module, patch_size: Sequence[int], in_channels: int, device: torch.device) -> List[dict]:
+    """Every module with its type, output shape for one tile and stride, from one dry forward."""
+    shapes: Dict[str, tuple] = {}
+    named = [(n, m) for n, m in network.named_modules() if n]
+
+    def record(name):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor):
+                shapes.setdefault(name, tuple(output.shape))
+        return hook
+    handles = [m.register_forward_hook(record(n)) for n, m in named]
+    try:
+        with torch.no_grad():
+            network(torch.zeros((1, in_channels, *patch_size), device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    marks = {bottleneck(network): 'bottleneck (default)'}
+    marks.update({n: f'decoder stage {i}' for i, n in enumerate(decoder_stages(network))})
+    rows = []
+    for name, module in named:
+        shape = shapes.get(name)
+        stride = None if shape is None else [round(p / s, 3) for p, s in zip(patch_size, shape[2:])]
+        rows.append({'name': name, 'type': type(module).__name__, 'shape': None if shape is None else list(shape[1:]),
+                     'stride': stride, 'mark': marks.get(name, 'unused at inference' if shape is None and not any(module.children()) else '')})
+    return rows

@@ -1,0 +1,135 @@
+"""Find and load a trained nnU-Net v2 model: folder, folds, checkpoint, device, one network per fold."""
+import contextlib
+import copy
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from .errors import CamError, UsageError
+
+
+def resolve_model_folder(model: Optional[str] = None, dataset: Optional[str] = None,
+                         configuration: Optional[str] = None, trainer: str = 'nnUNetTrainer',
+                         plans: str = 'nnUNetPlans') -> Path:
+    """-m FOLDER, or nnU-Net style -d DATASET -c CONFIG [-tr TRAINER] [-p PLANS] under $nnUNet_results."""
+    if model:
+        folder = Path(model)
+    elif dataset and configuration:
+        results = os.environ.get('nnUNet_results')
+        if not results:
+            raise UsageError('-d/-c need $nnUNet_results; set it to your nnU-Net results folder or pass -m MODEL_FOLDER')
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+        try:
+            name = maybe_convert_to_dataset_name(dataset)
+        except RuntimeError:
+            raise UsageError(f'dataset {dataset!r} not found under $nnUNet_results or $nnUNet_raw/$nnUNet_preprocessed; '
+                             f'check -d or pass -m MODEL_FOLDER') from None
+        folder = Path(results) / name / f'{trainer}__{plans}__{configuration}'
+    else:
+        raise UsageError('no model given; pass -m MODEL_FOLDER or -d DATASET -c CONFIGURATION')
+    if not folder.is_dir():
+        raise UsageError(f'model folder {folder} does not exist; pass the folder that holds dataset.json, '
+                         f'plans.json and fold_N/')
+    missing = [f for f in ('dataset.json', 'plans.json') if not (folder / f).is_file()]
+    if missing:
+        raise UsageError(f'model folder {folder} is incomplete: {" and ".join(missing)} missing; pass the '
+                         f'trainer output folder (e.g. .../nnUNetTrainer__nnUNetPlans__3d_fullres)')
+    return folder
+
+
+def configuration_of(folder: Path) -> str:
+    """TRAINER__PLANS__CONFIGURATION -> CONFIGURATION."""
+    return folder.name.split('__')[-1]
+
+
+def require_previous_stage(previous_stage: Optional[str], given: Optional[str]) -> None:
+    if previous_stage and not given:
+        raise UsageError(f'this model is a cascade stage: pass the {previous_stage} segmentations with '
+                         f'-prev_stage_predictions FOLDER (one CASE file per case, named like the images\' case id)')
+
+
+def check_cascade(folder: Path, prev_stage_predictions: Optional[str]) -> None:
+    """Before loading: a cascade stage has extra input channels for the previous stage's segmentation."""
+    import json
+    plans = json.loads((folder / 'plans.json').read_text())
+    conf = plans.get('configurations', {}).get(configuration_of(folder), {})
+    require_previous_stage(conf.get('previous_stage'), prev_stage_predictions)
+
+
+def available_folds(folder: Path, checkpoint: str) -> List[Union[int, str]]:
+    out = []
+    for d in sorted(folder.glob('fold_*')):
+        if (d / checkpoint).is_file():
+            f = d.name[len('fold_'):]
+            out.append(int(f) if f.isdigit() else f)
+    return out
+
+
+def resolve_folds(folder: Path, folds: Optional[Sequence[str]], checkpoint: str) -> List[Union[int, str]]:
+    """-f 0 1 ... or -f all; None means every fold that has the checkpoint."""
+    have = available_folds(folder, checkpoint)
+    if not folds:
+        if not have:
+            raise UsageError(f'no fold_N/{checkpoint} in {folder}; train a fold first or pass -chk with the '
+                             f'checkpoint you have')
+        return have
+    wanted = [f if f == 'all' else int(f) for f in folds] if all(str(f) == 'all' or str(f).isdigit() for f in folds) \
+        else None
+    if wanted is None:
+        raise UsageError(f'folds must be integers or "all", got {" ".join(map(str, folds))}')
+    for f in wanted:
+        if f not in have:
+            raise UsageError(f'fold {f} has no {checkpoint} in {folder}; available: '
+                             f'{" ".join(map(str, have)) or "none"}; pass -f with those or -chk another checkpoint')
+    return wanted
+
+
+def resolve_device(name: str) -> torch.device:
+    name = (name or 'auto').lower()
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        raise UsageError('CUDA was requested (-device cuda) but torch finds no CUDA device; use -device cpu, or '
+                         'install a CUDA build of torch that matches your driver')
+    if name == 'mps' and not torch.backends.mps.is_available():
+        raise UsageError('MPS was requested (-device mps) but is not available; use -device cpu')
+    if name not in ('cpu', 'mps') and not name.startswith('cuda'):
+        raise UsageError(f'unknown device {name!r}; use auto, cuda, cpu or mps')
+    return torch.device(name)
+
+
+def load_predictor(folder: Path, folds: Sequence, checkpoint: str, device: torch.device, step_size: float = 0.5,
+                   use_mirroring: bool = True):
+    """nnU-Net's own predictor, initialised from the model folder."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    if not 0 < step_size <= 1:
+        raise UsageError(f'-step_size must be in (0, 1], got {step_size}')
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's prints are not our output
+            predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                                        perform_everything_on_device=device.type == 'cuda', device=device,
+                                        verbose=False, allow_tqdm=False)
+            predictor.initialize_from_trained_model_folder(str(folder), tuple(folds), checkpoint)
+    except Exception as e:  # corrupt checkpoint, unknown trainer class, plans/weights mismatch
+        raise CamError(f'could not load the model in {folder} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+                       f'check that the checkpoints and plans.json belong together and nnunetv2 is the version '
+                       f'that trained them') from e
+    return predictor
+
+
+def fold_networks(predictor) -> List[torch.nn.Module]:
+    """One inference copy of the network per fold: eval, no parameter gradients, no in-place activations (so the
+    captured target-layer outputs stay intact), on the predictor's device. The predictor's own network is untouched."""
+    nets = []
+    for params in predictor.list_of_parameters:
+        net = copy.deepcopy(predictor.network)
+        net.load_state_dict(params)
+        net.eval().requires_grad_(False)
+        for m in net.modules():
+            if hasattr(m, 'inplace'):
+                m.inplace = False
+        nets.append(net.to(predictor.device))
+    return nets

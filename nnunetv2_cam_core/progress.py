@@ -1,0 +1,46 @@
+"""Progress as JSON lines on stdout (read by the Slicer module) or as tqdm bars on stderr."""
+import json
+import sys
+import time
+from typing import Optional, TextIO
+
+
+class Progress:
+    def __init__(self, mode: str = 'bar', stream: Optional[TextIO] = None):
+        self.mode = mode  # 'json', 'bar' or 'none'
+        self.stream = stream or sys.stdout
+        self.case: Optional[str] = None
+        self._bar = None
+        self._t0 = time.perf_counter()
+
+    def emit(self, event: str, **fields) -> None:
+        if self.mode == 'json':
+            self.stream.write(json.dumps({'event': event, 'case': self.case, **fields}) + '\n')
+            self.stream.flush()
+        elif self.mode == 'bar' and event in ('warning', 'skip', 'result'):
+            print(fields.get('message') or fields, file=sys.stderr)
+
+    def stage(self, name: str, case: Optional[str] = None, **fields) -> None:
+        self.case = case if case is not None else self.case
+        self._t0 = time.perf_counter()
+        self._close_bar()
+        self.emit('stage', stage=name, **fields)
+
+    def tiles(self, k: int, n: int) -> None:
+        elapsed = time.perf_counter() - self._t0
+        eta = elapsed / k * (n - k)
+        if self.mode == 'json':
+            self.emit('tiles', stage='tiles', tile=k, tiles=n, fraction=round(k / n, 4), eta_s=round(eta, 1))
+        elif self.mode == 'bar':
+            if self._bar is None:
+                from tqdm import tqdm
+                self._bar = tqdm(total=n, desc=f'{self.case} tiles', unit='tile', file=sys.stderr)
+            self._bar.update(k - self._bar.n)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def close(self) -> None:
+        self._close_bar()

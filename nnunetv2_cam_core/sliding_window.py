@@ -1,0 +1,220 @@
+"""Segmentation logits and CAMs from one forward and one partial backward per tile.
+
+Tiles, padding, step size, gaussian weighting, mirroring and fold averaging are nnU-Net's own (`nnUNetPredictor`,
+`compute_gaussian`, `pad_nd_image`). nnU-Net blends tile logits as sum(g * l) / sum(g), so a tile's share of the
+stitched target score is mask * g / sum(g): that is the upstream gradient each tile's backward starts from.
+The target mask of a tile is the ensemble (folds x mirrors) prediction for that tile; where overlapping tiles
+disagree about a voxel, the fraction is reported as `tile_mask_disagreement`.
+"""
+import contextlib
+import itertools
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from nnunetv2.utilities.helpers import empty_cache
+
+from .errors import CamError
+from .layers import LayerCapture
+from .methods import CamMethod
+from .targets import Target, predicted_mask, target_masks
+
+VOLUME_POOLING_BUDGET_BYTES = 4 * 1024 ** 3
+
+
+@dataclass
+class CamSpec:
+    method: CamMethod
+    layers: List[str]
+    targets: List[Target]
+    pooling: str = 'volume'           # 'volume' or 'tile', for pooled methods
+    region: str = 'predicted'         # 'predicted' or 'all'
+    mask: Optional[torch.Tensor] = None  # bool, preprocessed space; replaces region
+
+
+@dataclass
+class CamOutput:
+    logits: torch.Tensor  # (heads, *shape) float32, preprocessed space
+    cams: torch.Tensor    # (n_targets, n_layers, *shape) float32, raw (not normalised)
+    n_tiles: int
+    tile_mask_disagreement: List[float]
+
+
+def mirror_combinations(predictor) -> List[tuple]:
+    """nnU-Net's TTA mirrors as dims of a (1, C, *spatial) tile: () first, then every combination of axes."""
+    axes = predictor.allowed_mirroring_axes if predictor.use_mirroring else None
+    if not axes:
+        return [()]
+    dims = [a + 2 for a in axes]
+    return [()] + [c for i in range(len(dims)) for c in itertools.combinations(dims, i + 1)]
+
+
+def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: torch.Tensor, spec: CamSpec,
+                       on_tile: Optional[Callable[[int, int], None]] = None) -> CamOutput:
+    """data: preprocessed (C, *shape). Returns logits and raw CAMs on the CPU, in the same (preprocessed) space."""
+    patch = [int(p) for p in predictor.configuration_manager.patch_size]
+    padded, revert = pad_nd_image(data, patch, 'constant', {'value': 0}, True, None)
+    mask = None
+    if spec.mask is not None:
+        mask = pad_nd_image(spec.mask[None].to(torch.uint8), patch, 'constant', {'value': 0}, True, None)[0][0] > 0
+    slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
+    device = predictor.device
+    run = _SlidingWindowRun(predictor, networks, padded, mask, slicers, spec, on_tile)
+    with torch.autocast(device.type) if device.type == 'cuda' else contextlib.nullcontext():
+        if device.type == 'cuda':
+            try:
+                out = run(results_device=device)
+            except torch.OutOfMemoryError:
+                # as nnU-Net: keep the network on the GPU, move the result arrays to the CPU
+                empty_cache(device)
+                out = run(results_device=torch.device('cpu'))
+        else:
+            out = run(results_device=device)
+    keep = tuple(revert[1:])
+    out.logits = out.logits[(slice(None), *keep)].cpu()
+    out.cams = out.cams[(slice(None), slice(None), *keep)].cpu()
+    return out
+
+
+class _SlidingWindowRun:
+    def __init__(self, predictor, networks, padded, mask, slicers, spec: CamSpec, on_tile):
+        self.predictor, self.networks, self.padded, self.mask = predictor, networks, padded, mask
+        self.slicers, self.spec, self.on_tile = slicers, spec, on_tile
+        self.mirrors = mirror_combinations(predictor)
+        self.patch = [int(p) for p in predictor.configuration_manager.patch_size]
+        self.volume_pooling = spec.method.pooled and spec.pooling == 'volume'
+
+    def __call__(self, results_device: torch.device) -> CamOutput:
+        p, spec = self.predictor, self.spec
+        shape = self.padded.shape[1:]
+        gaussian = compute_gaussian(tuple(self.patch), sigma_scale=1. / 8, value_scaling_factor=10,
+                                    device=results_device) if p.use_gaussian else \
+            torch.ones(self.patch, device=results_device)
+        weight_sum = torch.zeros(shape, device=results_device)
+        for sl in self.slicers:
+            weight_sum[sl[1:]] += gaussian
+        n_t, n_l = len(spec.targets), len(spec.layers)
+        logits = torch.zeros((p.label_manager.num_segmentation_heads, *shape), device=results_device)
+        cams = torch.zeros((n_t, n_l, *shape), device=results_device)
+        track = spec.mask is None and spec.region == 'predicted'
+        hits = torch.zeros((n_t, *shape), dtype=torch.uint8, device=results_device) if track else None
+        coverage = torch.zeros(shape, dtype=torch.uint8, device=results_device) if track else None
+        self.act_store, self.grad_store = {}, {}
+        data = self.padded.to(p.device)
+        captures = [LayerCapture(net, spec.layers) for net in self.networks]
+        try:
+            for k, sl in enumerate(self.slicers):
+                share = (gaussian / weight_sum[sl[1:]]).to(p.device)
+                tile_logits, masks = self._tile(k, data[sl][None], captures, share, cams, sl, results_device)
+                logits[sl] += tile_logits.to(results_device) * gaussian
+                if track:
+                    hits[(slice(None), *sl[1:])] += masks.to(results_device)
+                    coverage[sl[1:]] += 1
+                if self.on_tile:
+                    self.on_tile(k + 1, len(self.slicers))
+        finally:
+            for c in captures:
+                c.__exit__()
+        logits /= weight_sum
+        if self.volume_pooling:
+            self._volume_pooled_maps(cams, gaussian, weight_sum)
+        if not spec.method.uses_gradients:
+            cams[1:] = cams[0]
+        disagreement = [0.0] * n_t
+        if track:
+            final = predicted_mask(logits, spec.targets, p.label_manager.has_regions)
+            for i in range(n_t):
+                split = (final[i] & (hits[i] < coverage)) | (~final[i] & (hits[i] > 0))
+                disagreement[i] = float(split.sum()) / max(1, int(final[i].sum()))
+        return CamOutput(logits, cams, len(self.slicers), disagreement)
+
+    def _tile(self, k, x, captures, share, cams, sl, results_device):
+        spec, method = self.spec, self.spec.method
+        n_f, n_m = len(self.networks), len(self.mirrors)
+        total, acts = 0, []
+        with torch.enable_grad():
+            for net, cap in zip(self.networks, captures):
+                for dims in self.mirrors:
+                    cap.outputs = {}
+                    out = net(x.flip(dims) if dims else x)
+                    total = total + (out.flip(dims) if dims else out)
+                    missing = [n for n in spec.layers if n not in cap.outputs]
+                    if missing:
+                        raise CamError(f'target layer {missing[0]} is not used in the forward pass at inference; '
+                                       f'pick another (--list-layers marks the unused ones)')
+                    acts.append([cap.outputs[n] for n in spec.layers])
+            tile_logits = total.float()[0] / (n_f * n_m)
+            tile_mask_src = tile_logits.detach()
+            region_mask = None if self.mask is None else self.mask[sl[1:]].to(tile_logits.device)
+            masks = target_masks(tile_mask_src, spec.targets, self.predictor.label_manager.has_regions,
+                                 spec.region, region_mask)
+            leaves = [a for per in acts for a in per]
+            grads = [None] * len(spec.targets)
+            if method.uses_gradients:
+                active = [i for i in range(len(spec.targets)) if masks[i].any()]
+                for j, i in enumerate(active):
+                    upstream = torch.zeros_like(tile_logits)
+                    upstream[spec.targets[i].channel] = masks[i] * share
+                    g = torch.autograd.grad(tile_logits, leaves, grad_outputs=upstream,
+                                            retain_graph=j < len(active) - 1, allow_unused=True)
+                    # undo the 1/(folds*mirrors) of the average: each forward's map is a full map of that network
+                    grads[i] = [torch.zeros_like(a) if gi is None else gi * (n_f * n_m) for gi, a in zip(g, leaves)]
+        for l in range(len(spec.layers)):
+            A = torch.cat([acts[j][l].detach() for j in range(n_f * n_m)])
+            if self.volume_pooling:
+                self._keep_activations(k, l, A)
+            # a gradient-free map is class-agnostic: computed for the first target, copied to the others at the end
+            for i in range(len(spec.targets) if method.uses_gradients else 1):
+                G = None
+                if method.uses_gradients:
+                    if grads[i] is None and not self.volume_pooling:
+                        continue  # target absent from this tile: zero contribution
+                    G = torch.zeros_like(A) if grads[i] is None else \
+                        torch.cat([grads[i][j * len(spec.layers) + l] for j in range(n_f * n_m)])
+                if self.volume_pooling:
+                    self.grad_store[(k, i, l)] = G
+                    continue
+                raw = method.cam(A.float(), None if G is None else G.float(), tuple(range(2, A.ndim))).clamp(min=0)
+                cams[(i, l, *sl[1:])] += self._to_tile(raw, share if method.pooled else None).to(results_device)
+        return tile_logits.detach(), masks
+
+    def _to_tile(self, raw: torch.Tensor, share: Optional[torch.Tensor]) -> torch.Tensor:
+        """(folds*mirrors, *feat) maps -> un-mirrored mean, upsampled to the tile on the device, optionally weighted."""
+        n_m = len(self.mirrors)
+        flipped = [raw[j].flip([d - 2 for d in self.mirrors[j % n_m]]) if self.mirrors[j % n_m] else raw[j]
+                   for j in range(raw.shape[0])]
+        mean = torch.stack(flipped).mean(0)[None, None]
+        mode = 'bilinear' if mean.ndim == 4 else 'trilinear'
+        up = F.interpolate(mean, size=self.patch, mode=mode, align_corners=False)[0, 0]
+        return up if share is None else up * share
+
+    def _keep_activations(self, k, l, A):
+        if not self.act_store:
+            factor = 1 + (len(self.spec.targets) if self.spec.method.uses_gradients else 0)
+            need = A.numel() * A.element_size() * factor * len(self.slicers) * len(self.spec.layers)
+            if need > VOLUME_POOLING_BUDGET_BYTES:
+                raise CamError(f'--pooling volume would keep {need / 1024 ** 3:.1f} GiB of tile activations at '
+                               f'this layer; use --pooling tile or a deeper --target-layer')
+        self.act_store[(k, l)] = A
+
+    def _volume_pooled_maps(self, cams, gaussian, weight_sum):
+        """One weight vector (or principal component) per target, layer and fold from all tiles and mirrors."""
+        n_m, n_f, n_k = len(self.mirrors), len(self.networks), len(self.slicers)
+        method = self.spec.method
+        for i in range(len(self.spec.targets) if method.uses_gradients else 1):
+            for l in range(len(self.spec.layers)):
+                per_fold = []
+                for f in range(n_f):
+                    fold = slice(f * n_m, (f + 1) * n_m)
+                    A = torch.cat([self.act_store[(k, l)][fold] for k in range(n_k)]).float()
+                    G = torch.cat([self.grad_store[(k, i, l)][fold] for k in range(n_k)]).float() \
+                        if method.uses_gradients else None
+                    per_fold.append(method.cam(A, G, (0,) + tuple(range(2, A.ndim))).clamp(min=0).split(n_m))
+                for k, sl in enumerate(self.slicers):
+                    raw = torch.cat([per_fold[f][k] for f in range(n_f)])
+                    share = (gaussian / weight_sum[sl[1:]]).to(raw.device)
+                    cams[(i, l, *sl[1:])] += self._to_tile(raw, share).to(cams.device)
+        self.act_store, self.grad_store = {}, {}
