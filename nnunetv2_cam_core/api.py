@@ -42,9 +42,9 @@ class CamEngine:
     """An initialised nnU-Net predictor plus what to explain: layers, method, classes, pooling, region."""
 
     def __init__(self, predictor, target_layer=None, target_class=1, method: str = 'gradcam',
-                 pooling: str = 'volume', target_region: str = 'predicted', pool_size: Optional[int] = None,
+                 pooling: Optional[str] = None, target_region: str = 'predicted', pool_size: Optional[int] = None,
                  pool_mode: str = 'max'):
-        if pooling not in ('volume', 'tile'):
+        if pooling not in (None, 'volume', 'tile'):
             raise UsageError(f'--pooling must be volume or tile, not {pooling!r}')
         if target_region not in ('predicted', 'all'):
             raise UsageError(f'--target-region must be predicted or all, not {target_region!r}')
@@ -53,7 +53,7 @@ class CamEngine:
         self.targets = resolve_targets(predictor.label_manager, predictor.dataset_json, _as_list(target_class))
         self.networks = fold_networks(predictor)
         self.layers = resolve_layers(self.networks[0], _as_list(target_layer))
-        self.pooling, self.region = pooling, target_region
+        self.pooling, self.region = pooling or self.method.default_pooling, target_region
 
     def preprocess(self, files: Sequence[str], target_mask: Optional[str] = None,
                    prev_stage: Optional[str] = None):
@@ -228,7 +228,7 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
 def run_cam_for_prediction(predictor, input_files, output_folder, target_layer=None, target_class=1,
                            method: str = 'gradcam', cam_type: Optional[str] = None, verbose: bool = False,
                            save_slices: bool = True, save_numpy: bool = False, pool_size: Optional[int] = None,
-                           pool_mode: str = 'max', pooling: str = 'volume', overwrite: bool = True) -> List[np.ndarray]:
+                           pool_mode: str = 'max', pooling: Optional[str] = None, overwrite: bool = True) -> List[np.ndarray]:
     """Compatible with nnunetv2-cam's API: returns one CAM per case (first target class) in [0, 1], now in the
     ORIGINAL image geometry, and writes the segmentation, CAM files, sidecar and (by default) PNG slices.
     `cam_type` is accepted and ignored: 2D and 3D follow the model's configuration."""

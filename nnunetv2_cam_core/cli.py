@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument('--target-class', nargs='+', default=['1'], help='class index(es) or dataset.json label name(s); '
                    'several share one forward pass (default: 1)')
     c.add_argument('--method', default='gradcam', help='CAM method (see --list-methods; default: %(default)s)')
-    c.add_argument('--pooling', choices=('volume', 'tile'), default='volume',
-                   help='pooled methods: one weight vector from all tiles (volume, default) or per tile')
+    c.add_argument('--pooling', choices=('volume', 'tile'),
+                   help='pooled methods: channel weights per tile, or one set from all tiles (volume); default: '
+                        'tile for gradcam/gradcam++/xgradcam, volume for eigencam/eigengradcam')
     c.add_argument('--target-region', choices=('predicted', 'all'), default='predicted',
                    help='sum the class logit over the voxels predicted as the class (default) or all voxels')
     c.add_argument('--pool-size', type=int, help='segxrescam only: gradient pooling window')
@@ -88,19 +89,22 @@ def _list_methods(as_json: bool) -> None:
 
 
 def _load(args):
-    from .model import check_cascade, load_predictor, resolve_device, resolve_folds, resolve_model_folder
+    from .model import (check_cascade, configuration_of, load_predictor, resolve_device, resolve_folds,
+                        resolve_model_folder)
     folder = resolve_model_folder(args.model, args.d, args.c, args.tr, args.p)
-    if not args.list_layers:
-        check_cascade(folder, args.prev_stage_predictions)
     folds = resolve_folds(folder, args.folds, args.checkpoint)
+    configuration = configuration_of(folder, folds[0], args.checkpoint)
+    if not args.list_layers:
+        check_cascade(folder, configuration, args.prev_stage_predictions)
     device = resolve_device(args.device)
-    return folder, folds, load_predictor(folder, folds, args.checkpoint, device, args.step_size, not args.disable_tta)
+    predictor = load_predictor(folder, folds, args.checkpoint, device, args.step_size, not args.disable_tta)
+    return folder, folds, configuration, predictor
 
 
 def _list_layers(args, as_json: bool, out) -> None:
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from .layers import list_layers
-    _, _, pred = _load(args)
+    *_, pred = _load(args)
     n_in = determine_num_input_channels(pred.plans_manager, pred.configuration_manager, pred.dataset_json)
     rows = list_layers(pred.network.to(pred.device).eval(), pred.configuration_manager.patch_size, n_in, pred.device)
     if as_json:
@@ -113,14 +117,13 @@ def _list_layers(args, as_json: bool, out) -> None:
 
 def run(args, progress: Progress) -> int:
     from .api import CamEngine, run_cases
-    from .model import configuration_of
     if not args.input or not args.output:
         raise UsageError('-i INPUT and -o OUTPUT are required (or use --list-methods / --list-layers)')
     progress.stage('load')
-    folder, folds, predictor = _load(args)
+    folder, folds, configuration, predictor = _load(args)
     engine = CamEngine(predictor, args.target_layer, args.target_class, args.method, args.pooling,
                        args.target_region, args.pool_size, args.pool_mode)
-    run_info = {'model': str(folder), 'configuration': configuration_of(folder), 'trainer': predictor.trainer_name, 'folds': list(folds), 'checkpoint': args.checkpoint}
+    run_info = {'model': str(folder), 'configuration': configuration, 'trainer': predictor.trainer_name, 'folds': list(folds), 'checkpoint': args.checkpoint}
     run_cases(engine, args.input, args.output, target_mask=args.target_mask,
               prev_stage_folder=args.prev_stage_predictions, save_raw=args.save_raw, save_numpy=args.save_numpy,
               save_slices=args.save_slices and not args.no_save_slices, overwrite=args.overwrite, progress=progress,

@@ -5,6 +5,7 @@ Every method maps activations A and gradients G, both (N, K, *spatial), to a raw
 tile (and mirror), or also dim 0 for one weight vector over all tiles (volume pooling).
 The formulas follow pytorch-grad-cam, which the tests use as the numerical reference.
 """
+from types import SimpleNamespace
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -17,6 +18,8 @@ class CamMethod:
     name = ''
     uses_gradients = True
     pooled = True  # channel weights pooled over a region: --pooling applies
+    # chosen by measured tiling invariance (README): gradient weights per tile, principal components per volume
+    default_pooling = 'tile'
 
     def get_cam_weights(self, A, G, pool_dims):
         raise NotImplementedError
@@ -94,6 +97,7 @@ def principal_projection(X: torch.Tensor, pool_dims: Sequence[int]) -> torch.Ten
 class EigenCAM(CamMethod):
     name = 'eigencam'
     uses_gradients = False
+    default_pooling = 'volume'
 
     def cam(self, A, G, pool_dims):
         return principal_projection(A, pool_dims)
@@ -101,6 +105,7 @@ class EigenCAM(CamMethod):
 
 class EigenGradCAM(CamMethod):
     name = 'eigengradcam'
+    default_pooling = 'volume'
 
     def cam(self, A, G, pool_dims):
         return principal_projection(G * A, pool_dims)
@@ -133,12 +138,11 @@ class GradCamLibraryMethod(CamMethod):
 
     def cam(self, A, G, pool_dims):
         import pytorch_grad_cam  # lazy: heavy import (torchvision, cv2, sklearn)
-        cls = getattr(pytorch_grad_cam, self.cls_name)
-        impl = cls.__new__(cls)
-        impl.__dict__.update(self.attrs)
+        get_cam_image = getattr(pytorch_grad_cam, self.cls_name).get_cam_image
         a = A.detach().float().cpu().numpy()
         g = None if G is None else G.detach().float().cpu().numpy()
-        out = impl.get_cam_image(None, None, None, a, g, False)
+        # the method's maths only, with its parameters; no hooks or forward of its own
+        out = get_cam_image(SimpleNamespace(**self.attrs), None, None, None, a, g, False)
         return torch.as_tensor(out, device=A.device, dtype=torch.float32)
 
 
@@ -161,8 +165,8 @@ ALIASES = {'gradcampp': 'gradcam++', 'gradcamplusplus': 'gradcam++', 'seg-xres-c
 
 def available_methods() -> Dict[str, str]:
     """name -> one-line description, for --list-methods."""
-    rows = {name: ('native, pooled (--pooling tile|volume)' if cls.pooled else 'native, element-wise')
-            for name, cls in NATIVE.items()}
+    rows = {name: (f'native, pooled (--pooling tile|volume, default {cls.default_pooling})' if cls.pooled
+                   else 'native, element-wise') for name, cls in NATIVE.items()}
     rows['segxrescam'] += '; --pool-size/--pool-mode'
     rows.update({name: f'pytorch-grad-cam {spec["cls_name"]} via adapter (CPU, per tile)' for name, spec in ADAPTED.items()})
     rows.update({name: f'unavailable: {why}' for name, why in UNAVAILABLE.items()})

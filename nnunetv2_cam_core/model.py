@@ -1,8 +1,8 @@
 """Find and load a trained nnU-Net v2 model: folder, folds, checkpoint, device, one network per fold."""
 import contextlib
 import copy
+import io
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -40,9 +40,17 @@ def resolve_model_folder(model: Optional[str] = None, dataset: Optional[str] = N
     return folder
 
 
-def configuration_of(folder: Path) -> str:
-    """TRAINER__PLANS__CONFIGURATION -> CONFIGURATION."""
-    return folder.name.split('__')[-1]
+def configuration_of(folder: Path, fold, checkpoint: str) -> Optional[str]:
+    """From the folder name TRAINER__PLANS__CONFIGURATION, else from the checkpoint (as nnU-Net does); None if
+    neither tells (loading will then report the problem)."""
+    parts = folder.name.split('__')
+    if len(parts) == 3:
+        return parts[2]
+    try:
+        ckpt = torch.load(folder / f'fold_{fold}' / checkpoint, map_location='cpu', weights_only=False, mmap=True)
+        return ckpt['init_args']['configuration']
+    except Exception:
+        return None
 
 
 def require_previous_stage(previous_stage: Optional[str], given: Optional[str]) -> None:
@@ -51,11 +59,11 @@ def require_previous_stage(previous_stage: Optional[str], given: Optional[str]) 
                          f'-prev_stage_predictions FOLDER (one CASE file per case, named like the images\' case id)')
 
 
-def check_cascade(folder: Path, prev_stage_predictions: Optional[str]) -> None:
+def check_cascade(folder: Path, configuration: Optional[str], prev_stage_predictions: Optional[str]) -> None:
     """Before loading: a cascade stage has extra input channels for the previous stage's segmentation."""
     import json
     plans = json.loads((folder / 'plans.json').read_text())
-    conf = plans.get('configurations', {}).get(configuration_of(folder), {})
+    conf = plans.get('configurations', {}).get(configuration, {})
     require_previous_stage(conf.get('previous_stage'), prev_stage_predictions)
 
 
@@ -108,7 +116,7 @@ def load_predictor(folder: Path, folds: Sequence, checkpoint: str, device: torch
     if not 0 < step_size <= 1:
         raise UsageError(f'-step_size must be in (0, 1], got {step_size}')
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's prints are not our output
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's notices are not our output
             predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                         perform_everything_on_device=device.type == 'cuda', device=device,
                                         verbose=False, allow_tqdm=False)

@@ -1,8 +1,11 @@
 """Segmentation logits and CAMs from one forward and one partial backward per tile.
 
 Tiles, padding, step size, gaussian weighting, mirroring and fold averaging are nnU-Net's own (`nnUNetPredictor`,
-`compute_gaussian`, `pad_nd_image`). nnU-Net blends tile logits as sum(g * l) / sum(g), so a tile's share of the
-stitched target score is mask * g / sum(g): that is the upstream gradient each tile's backward starts from.
+`compute_gaussian`, `pad_nd_image`). nnU-Net blends tile logits as sum(g * l) / sum(g); tile maps are blended the
+same way, so they fade out towards tile borders and leave no seams.
+Element-wise methods and volume pooling explain the stitched score itself: each tile's backward starts from its
+exact share of it, mask * g / sum(g) (volume pooling then pools the channel statistics over all tiles). With
+--pooling tile the channel weights describe the tile's own target (the mask alone), then the maps are blended.
 The target mask of a tile is the ensemble (folds x mirrors) prediction for that tile; where overlapping tiles
 disagree about a voxel, the fraction is reported as `tile_mask_disagreement`.
 """
@@ -30,7 +33,7 @@ class CamSpec:
     method: CamMethod
     layers: List[str]
     targets: List[Target]
-    pooling: str = 'volume'           # 'volume' or 'tile', for pooled methods
+    pooling: Optional[str] = None     # 'tile' or 'volume' for pooled methods; None: the method's default
     region: str = 'predicted'         # 'predicted' or 'all'
     mask: Optional[torch.Tensor] = None  # bool, preprocessed space; replaces region
 
@@ -79,13 +82,27 @@ def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: tor
     return out
 
 
+def upsample(feature_map: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """A quadratic B-spline upsampling: (bi/tri)linear, then a box of one feature cell. Plain linear interpolation
+    leaves kinks on the feature grid, and tile borders always fall between them."""
+    x = feature_map[None, None]
+    nd = x.ndim - 2
+    x = F.interpolate(x, size=list(size), mode='bilinear' if nd == 2 else 'trilinear', align_corners=False)
+    k = [int(round(s / f)) // 2 * 2 + 1 for s, f in zip(size, feature_map.shape)]  # odd, about one cell
+    if max(k) > 1:
+        x = F.pad(x, [p for kk in reversed(k) for p in (kk // 2, kk // 2)], mode='replicate')
+        x = (F.avg_pool2d if nd == 2 else F.avg_pool3d)(x, k, stride=1)
+    return x[0, 0]
+
+
 class _SlidingWindowRun:
     def __init__(self, predictor, networks, padded, mask, slicers, spec: CamSpec, on_tile):
         self.predictor, self.networks, self.padded, self.mask = predictor, networks, padded, mask
         self.slicers, self.spec, self.on_tile = slicers, spec, on_tile
         self.mirrors = mirror_combinations(predictor)
         self.patch = [int(p) for p in predictor.configuration_manager.patch_size]
-        self.volume_pooling = spec.method.pooled and spec.pooling == 'volume'
+        self.volume_pooling = spec.method.pooled and (spec.pooling or spec.method.default_pooling) == 'volume'
+        self.share_upstream = self.volume_pooling or not spec.method.pooled
 
     def __call__(self, results_device: torch.device) -> CamOutput:
         p, spec = self.predictor, self.spec
@@ -157,7 +174,7 @@ class _SlidingWindowRun:
                 active = [i for i in range(len(spec.targets)) if masks[i].any()]
                 for j, i in enumerate(active):
                     upstream = torch.zeros_like(tile_logits)
-                    upstream[spec.targets[i].channel] = masks[i] * share
+                    upstream[spec.targets[i].channel] = masks[i] * share if self.share_upstream else masks[i]
                     g = torch.autograd.grad(tile_logits, leaves, grad_outputs=upstream,
                                             retain_graph=j < len(active) - 1, allow_unused=True)
                     # undo the 1/(folds*mirrors) of the average: each forward's map is a full map of that network
@@ -178,18 +195,15 @@ class _SlidingWindowRun:
                     self.grad_store[(k, i, l)] = G
                     continue
                 raw = method.cam(A.float(), None if G is None else G.float(), tuple(range(2, A.ndim))).clamp(min=0)
-                cams[(i, l, *sl[1:])] += self._to_tile(raw, share if method.pooled else None).to(results_device)
+                cams[(i, l, *sl[1:])] += self._to_tile(raw, share).to(results_device)
         return tile_logits.detach(), masks
 
-    def _to_tile(self, raw: torch.Tensor, share: Optional[torch.Tensor]) -> torch.Tensor:
-        """(folds*mirrors, *feat) maps -> un-mirrored mean, upsampled to the tile on the device, optionally weighted."""
+    def _to_tile(self, raw: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+        """(folds*mirrors, *feat) maps -> un-mirrored mean, upsampled to the tile on the device, times g / sum(g)."""
         n_m = len(self.mirrors)
         flipped = [raw[j].flip([d - 2 for d in self.mirrors[j % n_m]]) if self.mirrors[j % n_m] else raw[j]
                    for j in range(raw.shape[0])]
-        mean = torch.stack(flipped).mean(0)[None, None]
-        mode = 'bilinear' if mean.ndim == 4 else 'trilinear'
-        up = F.interpolate(mean, size=self.patch, mode=mode, align_corners=False)[0, 0]
-        return up if share is None else up * share
+        return upsample(torch.stack(flipped).mean(0), self.patch) * share
 
     def _keep_activations(self, k, l, A):
         if not self.act_store:

@@ -1,0 +1,40 @@
+"""Information commands: --list-methods (no other argument), --list-layers (-m only), check-env."""
+import json
+import subprocess
+import sys
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, '-m', 'nnunetv2_cam_core', *map(str, args)], capture_output=True, text=True)
+
+
+def test_list_methods_alone():
+    p = cli('--list-methods')
+    assert p.returncode == 0
+    assert 'gradcam' in p.stdout and 'hirescam' in p.stdout and 'unavailable' in p.stdout
+    rows = json.loads(cli('--list-methods', '--progress', 'json').stdout)
+    assert rows['gradcam'].startswith('native')
+
+
+def test_list_layers_marks_bottleneck_and_decoder(model3d):
+    p = cli('--list-layers', '-m', model3d, '-device', 'cpu', '--progress', 'json')
+    assert p.returncode == 0, p.stderr
+    rows = {r['name']: r for r in json.loads(p.stdout)}
+    assert rows['encoder.stages.3']['mark'] == 'bottleneck (default)'
+    assert rows['decoder.stages.0']['mark'] == 'decoder stage 0'
+    assert rows['encoder.stages.3']['stride'] == [4.0, 8.0, 8.0]
+    assert rows['decoder.stages.2']['shape'][0] == 32
+    text = cli('--list-layers', '-m', model3d, '-device', 'cpu')
+    assert 'bottleneck (default)' in text.stdout
+
+
+def test_check_env():
+    p = cli('check-env')
+    info = json.loads(p.stdout)
+    assert p.returncode == 0 and 'torch' in info['versions'] and 'cpu' in info['devices']
+    assert isinstance(info['cuda_available'], bool)
+
+
+def test_missing_input_is_usage_error():
+    p = cli('-o', 'x')
+    assert p.returncode == 2 and p.stderr.strip().startswith('error: ') and '-i INPUT' in p.stderr

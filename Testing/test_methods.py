@@ -1,0 +1,103 @@
+"""Each native method's raw single-tile map against pytorch-grad-cam's, same tile, layer and target (2D and 3D)."""
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2_cam_core.api import CamEngine
+from nnunetv2_cam_core.methods import NATIVE, get_method
+from nnunetv2_cam_core.model import fold_networks, load_predictor
+from nnunetv2_cam_core.sliding_window import CamSpec, sliding_window_cam
+
+REFERENCE = {'gradcam': 'GradCAM', 'gradcam++': 'GradCAMPlusPlus', 'xgradcam': 'XGradCAM', 'hirescam': 'HiResCAM',
+             'gradcamelementwise': 'GradCAMElementWise', 'layercam': 'LayerCAM', 'eigencam': 'EigenCAM',
+             'eigengradcam': 'EigenGradCAM'}
+
+
+def brightest_tile(data: torch.Tensor, patch, two_d: bool) -> torch.Tensor:
+    """The patch-sized crop centred on the brightest voxel (a lesion)."""
+    spatial = data.shape[1:]
+    centre = np.unravel_index(int(torch.argmax(data[0])), spatial)
+    if two_d:
+        z = centre[0]
+        starts = [min(max(c - p // 2, 0), s - p) for c, p, s in zip(centre[1:], patch, spatial[1:])]
+        return data[:, z:z + 1, starts[0]:starts[0] + patch[0], starts[1]:starts[1] + patch[1]].contiguous()
+    starts = [min(max(c - p // 2, 0), s - p) for c, p, s in zip(centre, patch, spatial)]
+    return data[(slice(None), *[slice(a, a + p) for a, p in zip(starts, patch)])].contiguous()
+
+
+@pytest.fixture(scope='module', params=['3d_fullres', '2d'])
+def tile_setup(request, model3d, model2d, sample_case):
+    folder = model3d if request.param == '3d_fullres' else model2d
+    pred = load_predictor(folder, [0], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=False)
+    engine = CamEngine(pred, target_class='lesion')
+    data, _, _, _ = engine.preprocess([str(sample_case)])
+    patch = [int(p) for p in pred.configuration_manager.patch_size]
+    tile = brightest_tile(data, patch, request.param == '2d')
+    return pred, engine, tile, request.param == '2d'
+
+
+def reference_map(name, net, layer, x, channel):
+    import copy
+    import pytorch_grad_cam
+    net = copy.deepcopy(net).requires_grad_(True)  # the library backpropagates through parameters
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
+    module = dict(net.named_modules())[layer]
+    with torch.no_grad():
+        mask = (net(x)[0].argmax(0) == channel).float()
+    cam = getattr(pytorch_grad_cam, REFERENCE[name])(model=net, target_layers=[module])
+    out = cam(input_tensor=x, targets=[lambda o: (o[channel] * mask).sum()])[0]
+    if name.startswith('eigen'):
+        # the library's SVD sign is arbitrary; compare with its own sign-corrected projection of the same tensors
+        acts = cam.activations_and_grads.activations[0].cpu().numpy()
+        if name == 'eigengradcam':
+            acts = cam.activations_and_grads.gradients[0].cpu().numpy() * acts
+        proj = get_2d_projection_with_sign_correction(acts)[0]
+        out = np.maximum(proj, 0)
+    return out
+
+
+@pytest.mark.parametrize('name', list(REFERENCE))
+def test_native_method_matches_pytorch_grad_cam(tile_setup, name):
+    pred, engine, tile, two_d = tile_setup
+    net = fold_networks(pred)[0]
+    layer = f'decoder.stages.{len(net.decoder.stages) - 1}'  # full resolution: no resampling differences
+    spec = CamSpec(get_method(name), [layer], engine.targets, pooling='tile')
+    mine = sliding_window_cam(pred, [net], tile, spec).cams[0, 0].numpy()
+    x = tile[:, 0][None] if two_d else tile[None]
+    ref = reference_map(name, net, layer, x, engine.targets[0].channel)
+    mine = mine[0] if two_d else mine
+    assert mine.shape == ref.shape
+    assert mine.max() > 0 and ref.max() > 0
+    r = np.corrcoef(mine.ravel(), ref.ravel())[0, 1]
+    assert r >= 0.999, f'{name}: r={r:.5f}'
+
+
+def test_segxrescam_pool1_is_hirescam(tile_setup):
+    pred, engine, tile, _ = tile_setup
+    net = fold_networks(pred)[0]
+    maps = [sliding_window_cam(pred, [net], tile, CamSpec(m, engine.layers, engine.targets)).cams[0, 0]
+            for m in (get_method('hirescam'), get_method('segxrescam', pool_size=1))]
+    assert torch.allclose(maps[0], maps[1], rtol=1e-5, atol=1e-12)
+    pooled = sliding_window_cam(pred, [net], tile, CamSpec(get_method('segxrescam', 2, 'max'), engine.layers,
+                                                           engine.targets)).cams[0, 0]
+    assert not torch.allclose(pooled, maps[0])
+
+
+def test_native_methods_never_import_pytorch_grad_cam():
+    import subprocess
+    import sys
+    code = ('import sys; from nnunetv2_cam_core.methods import get_method; import torch; '
+            'm = get_method("gradcam++"); A = torch.rand(1, 4, 5, 5, 5); m.cam(A, torch.rand_like(A), (2, 3, 4)); '
+            'print("pytorch_grad_cam" in sys.modules)')
+    assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True).stdout.strip() == 'False'
+
+
+def test_adapter_method_runs_in_3d():
+    m = get_method('fem')
+    A = torch.rand(2, 6, 4, 5, 5)
+    out = m.cam(A, None, (2, 3, 4))
+    assert out.shape == (2, 4, 5, 5) and torch.isfinite(out).all()
+
+
+def test_method_list_is_complete():
+    assert set(REFERENCE) | {'segxrescam'} == set(NATIVE)

@@ -1,0 +1,204 @@
+"""End to end on real tiny models: CLI round trip, segmentation equal to nnU-Net's, geometry, values, outputs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import dice, geometry, read
+
+
+def nnunet_predict(model: Path, inputs: Path, out: Path, folds, tta: bool) -> Path:
+    cmd = ['nnUNetv2_predict_from_modelfolder', '-i', str(inputs), '-o', str(out), '-m', str(model),
+           '-f', *map(str, folds), '-device', 'cpu', '-npp', '1', '-nps', '1']
+    if not tta:
+        cmd.append('--disable_tta')
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), cmd[0]), *cmd[1:]], check=True,
+                   stdout=subprocess.DEVNULL)
+    return out
+
+
+@pytest.fixture(scope='session')
+def cli_run(model3d, sample_case, tmp_path_factory):
+    """One CLI run as the Slicer module makes it: subprocess, JSON progress, two folds, two classes."""
+    out = tmp_path_factory.mktemp('cli_out')
+    before = sample_case.read_bytes()
+    proc = subprocess.run([sys.executable, '-m', 'nnunetv2_cam_core', '-i', str(sample_case), '-o', str(out),
+                           '-m', str(model3d), '-f', '0', '1', '--target-class', 'lesion', 'organ', '-device', 'cpu',
+                           '--disable_tta', '--save-slices', '--save-raw', '--save-numpy', '--progress', 'json'],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sample_case.read_bytes() == before, 'input was modified'
+    return out, proc
+
+
+@pytest.fixture(scope='session')
+def nnunet_ref(model3d, sample_case, tmp_path_factory):
+    return nnunet_predict(model3d, sample_case.parent, tmp_path_factory.mktemp('ref3d'), [0, 1], tta=False)
+
+
+def test_progress_json_lines(cli_run):
+    out, proc = cli_run
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]  # every stdout line is JSON
+    stages = [e['stage'] for e in lines if e['event'] == 'stage']
+    assert stages[:4] == ['load', 'preprocess', 'tiles', 'export'] and stages[-1] == 'done'
+    tiles = [e for e in lines if e['event'] == 'tiles']
+    assert tiles[-1]['tile'] == tiles[-1]['tiles'] > 1 and tiles[-1]['fraction'] == 1.0
+    assert all('eta_s' in e for e in tiles)
+    result = [e for e in lines if e['event'] == 'result'][0]
+    assert all(Path(f).exists() for f in result['files'])
+
+
+def test_segmentation_equals_nnunet_predict(cli_run, nnunet_ref):
+    out, _ = cli_run
+    ours = sitk.GetArrayFromImage(read(out / 'sample.nii.gz'))
+    ref = sitk.GetArrayFromImage(read(nnunet_ref / 'sample.nii.gz'))
+    assert ours.shape == ref.shape
+    for label in (1, 2):
+        assert (ref == label).sum() > 0, f'reference predicts no voxel of class {label}: model too weak for the test'
+        assert dice(ours == label, ref == label) >= 0.999
+
+
+def test_outputs_have_input_geometry(cli_run, sample_case):
+    out, _ = cli_run
+    g = geometry(read(sample_case))
+    for name in ('sample.nii.gz', 'sample_cam_lesion_gradcam.nii.gz', 'sample_cam_organ_gradcam.nii.gz',
+                 'sample_camraw_lesion_gradcam.nii.gz'):
+        img = read(out / name)
+        size, spacing, origin, direction = geometry(img)
+        assert size == g[0]
+        assert np.allclose(spacing, g[1], atol=1e-5) and np.allclose(origin, g[2], atol=1e-4)
+        assert np.allclose(direction, g[3], atol=1e-6)
+    assert read(out / 'sample_cam_lesion_gradcam.nii.gz').GetPixelID() == sitk.sitkFloat32
+
+
+def test_cam_values_and_sidecar(cli_run):
+    out, _ = cli_run
+    side = json.loads((out / 'sample_cam.json').read_text())
+    for name in ('lesion', 'organ'):
+        cam = sitk.GetArrayFromImage(read(out / f'sample_cam_{name}_gradcam.nii.gz'))
+        assert np.isfinite(cam).all() and cam.min() >= 0 and cam.max() == pytest.approx(1.0)
+        assert np.array_equal(np.load(out / f'sample_cam_{name}_gradcam.npy'), cam)
+        st = side['classes'][name]
+        assert st['max'] == pytest.approx(1.0) and 0 <= st['energy_in_predicted_mask'] <= 1
+        slices = sorted((out / f'sample_cam_{name}_gradcam_slices').glob('*.png'))
+        assert len(slices) == cam.shape[0]
+    for key in ('model', 'configuration', 'folds', 'checkpoint', 'layers', 'method', 'tta', 'step_size', 'device',
+                'versions', 'timings_s'):
+        assert key in side
+    assert side['folds'] == [0, 1] and side['configuration'] == '3d_fullres'
+    assert side['layers'] == ['encoder.stages.3'] and side['tta'] is False
+    assert (out / 'sample_overview.png').is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith('.nnunetcam-')], 'temp folder left behind'
+
+
+def test_existing_outputs_are_skipped_then_overwritten(cli_run, model3d, sample_case, capsys, tmp_path):
+    import shutil
+    from nnunetv2_cam_core.cli import main
+    out = tmp_path / 'out'
+    shutil.copytree(cli_run[0], out)
+    side = out / 'sample_cam.json'
+    before = side.read_text()
+    args = ['-i', str(sample_case), '-o', str(out), '-m', str(model3d), '-f', '0', '--target-class', '1',
+            '-device', 'cpu', '--disable_tta', '--progress', 'bar']
+    assert main(args) == 0
+    assert 'skipped' in capsys.readouterr().err
+    assert side.read_text() == before
+    assert main(args + ['--overwrite']) == 0
+    assert json.loads(side.read_text())['folds'] == [0]
+
+
+def test_2d_model_matches_nnunet_and_geometry(model2d, small_case, tmp_path):
+    from nnunetv2_cam_core.cli import main
+    out = tmp_path / 'out'
+    assert main(['-i', str(small_case), '-o', str(out), '-m', str(model2d), '-f', '0', '--target-class', 'lesion',
+                 '-device', 'cpu', '--progress', 'none']) == 0
+    ref = nnunet_predict(model2d, small_case.parent, tmp_path / 'ref', [0], tta=True)
+    ours = sitk.GetArrayFromImage(read(out / 'small.nii.gz'))
+    theirs = sitk.GetArrayFromImage(read(ref / 'small.nii.gz'))
+    for label in (1, 2):
+        assert dice(ours == label, theirs == label) >= 0.999
+    cam = read(out / 'small_cam_lesion_gradcam.nii.gz')
+    assert geometry(cam)[0] == geometry(read(small_case))[0]
+    arr = sitk.GetArrayFromImage(cam)
+    assert np.isfinite(arr).all() and 0 <= arr.min() and arr.max() <= 1
+
+
+def test_image_smaller_than_patch(model3d, small_case, tmp_path):
+    from nnunetv2_cam_core.cli import main
+    out = tmp_path / 'out'
+    assert main(['-i', str(small_case), '-o', str(out), '-m', str(model3d), '-f', '0', '--target-class', 'lesion',
+                 '--target-region', 'all', '-device', 'cpu', '--progress', 'none']) == 0
+    arr = sitk.GetArrayFromImage(read(out / 'small_cam_lesion_gradcam.nii.gz'))
+    assert np.isfinite(arr).all() and arr.max() == pytest.approx(1.0) and arr.min() >= 0
+
+
+def test_absent_target_writes_zero_map(model3d, tmp_path, capsys):
+    from nnunetv2_cam_core.cli import main
+    from nnunetv2_cam_core.demo import write_sample_case
+    # a case with nothing but background noise: no lesion predicted anywhere
+    img_path = write_sample_case(tmp_path / 'in', seed=3, shape=(16, 40, 40), spacing=(0.9, 0.9, 2.0), name='empty')
+    img = sitk.ReadImage(str(img_path))
+    arr = sitk.GetArrayFromImage(img)
+    arr[arr > 0] = 150.0
+    flat = sitk.GetImageFromArray(arr)
+    flat.CopyInformation(img)
+    sitk.WriteImage(flat, str(img_path))
+    out = tmp_path / 'out'
+    rc = main(['-i', str(img_path), '-o', str(out), '-m', str(model3d), '-f', '0', '--target-class', 'lesion',
+               '-device', 'cpu', '--progress', 'bar'])
+    assert rc == 0
+    cam = sitk.GetArrayFromImage(read(out / 'empty_cam_lesion_gradcam.nii.gz'))
+    seg = sitk.GetArrayFromImage(read(out / 'empty.nii.gz'))
+    if (seg == 1).any():
+        pytest.skip('the tiny model predicts lesion on a flat image')
+    assert np.all(cam == 0)
+    assert 'absent' in capsys.readouterr().err
+
+
+def test_target_mask_and_api(model3d, sample_case, tmp_path):
+    """--target-mask in the input geometry; the Python API returns maps in the original geometry."""
+    import torch
+    from nnunetv2_cam_core import predict_with_cam, run_cam_for_prediction
+    from nnunetv2_cam_core.api import CamEngine
+    from nnunetv2_cam_core.model import load_predictor
+    label = read(sample_case.parent / 'labels' / 'sample.nii.gz')
+    mask = sitk.Cast(label == 1, sitk.sitkUInt8)
+    mask_path = tmp_path / 'mask.nii.gz'
+    sitk.WriteImage(mask, str(mask_path))
+    pred = load_predictor(model3d, [0], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=False)
+    engine = CamEngine(pred, target_class='lesion')
+    data, props, m, _ = engine.preprocess([str(sample_case)], target_mask=str(mask_path))
+    assert m is not None and m.shape == data.shape[1:] and m.any()
+    res = engine.run(data, props, m)
+    cam = res.cams['lesion']
+    assert cam.shape == sitk.GetArrayFromImage(label).shape and cam.max() == pytest.approx(1.0)
+    seg, cams = predict_with_cam(pred, data, dict(props), target_class='lesion')
+    assert seg.shape == cam.shape and set(cams) == {'lesion'}
+    maps = run_cam_for_prediction(pred, str(sample_case), tmp_path / 'api', target_layer='encoder.stages.3',
+                                  target_class=1, method='gradcam', cam_type='2d', save_slices=False)
+    assert len(maps) == 1 and maps[0].shape == cam.shape
+    assert (tmp_path / 'api' / 'sample_cam_lesion_gradcam.nii.gz').is_file()
+
+
+def test_residual_encoder_unet(results_dir, small_case, tmp_path):
+    """ResEnc plans (nnU-Net's ResEnc M planner): bottleneck default, decoder layer, segmentation equal to nnU-Net's."""
+    from nnunetv2_cam_core.cli import main
+    from nnunetv2_cam_core.demo import RESENC_PLANS, model_folder
+    model = model_folder(results_dir, '3d_fullres', RESENC_PLANS)
+    out = tmp_path / 'out'
+    assert main(['-i', str(small_case), '-o', str(out), '-m', str(model), '-f', '0', '--target-class', '1',
+                 '--target-region', 'all', '--target-layer', 'bottleneck', 'decoder.stages.0', '-device', 'cpu',
+                 '--disable_tta', '--progress', 'none']) == 0
+    side = json.loads((out / 'small_cam.json').read_text())
+    assert side['layers'][0].startswith('encoder.stages.') and side['layers'][1] == 'decoder.stages.0'
+    ref = nnunet_predict(model, small_case.parent, tmp_path / 'ref', [0], tta=False)
+    ours = sitk.GetArrayFromImage(read(out / 'small.nii.gz'))
+    assert np.array_equal(ours, sitk.GetArrayFromImage(read(ref / 'small.nii.gz'))) or \
+        min(dice(ours == k, sitk.GetArrayFromImage(read(ref / 'small.nii.gz')) == k) for k in (1, 2)) >= 0.999
+    cam = sitk.GetArrayFromImage(read(out / 'small_cam_lesion_gradcam.nii.gz'))
+    assert np.isfinite(cam).all() and cam.max() == pytest.approx(1.0)
