@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+
 
 def cli(*args):
     return subprocess.run([sys.executable, '-m', 'nnunetv2_cam_core', *map(str, args)], capture_output=True, text=True)
@@ -20,10 +22,15 @@ def test_list_layers_marks_bottleneck_and_decoder(model3d):
     p = cli('--list-layers', '-m', model3d, '-device', 'cpu', '--progress', 'json')
     assert p.returncode == 0, p.stderr
     rows = {r['name']: r for r in json.loads(p.stdout)}
-    assert rows['encoder.stages.3']['mark'] == 'bottleneck (default)'
+    arch = json.loads((model3d / 'plans.json').read_text())['configurations']['3d_fullres']['architecture']
+    kw = arch['arch_kwargs']
+    last = kw['n_stages'] - 1
+    assert rows[f'encoder.stages.{last}']['mark'] == 'bottleneck (default)'
     assert rows['decoder.stages.0']['mark'] == 'decoder stage 0'
-    assert rows['encoder.stages.3']['stride'] == [4.0, 8.0, 8.0]
-    assert rows['decoder.stages.2']['shape'][0] == 32
+    expected_stride = [float(x) for x in np.prod(np.array(kw['strides']), axis=0)]
+    assert rows[f'encoder.stages.{last}']['stride'] == expected_stride
+    assert rows[f'encoder.stages.{last}']['shape'][0] == kw['features_per_stage'][-1]
+    assert rows[f'decoder.stages.{last - 1}']['shape'][0] == kw['features_per_stage'][0]
     text = cli('--list-layers', '-m', model3d, '-device', 'cpu')
     assert 'bottleneck (default)' in text.stdout
 

@@ -91,7 +91,9 @@ def test_cam_values_and_sidecar(cli_run):
                 'versions', 'timings_s'):
         assert key in side
     assert side['folds'] == [0, 1] and side['configuration'] == '3d_fullres'
-    assert side['layers'] == ['encoder.stages.3'] and side['tta'] is False
+    n_stages = json.loads((Path(side['model']) / 'plans.json').read_text())['configurations']['3d_fullres'][
+        'architecture']['arch_kwargs']['n_stages']
+    assert side['layers'] == [f'encoder.stages.{n_stages - 1}'] and side['tta'] is False
     assert (out / 'sample_overview.png').is_file()
     assert not [p for p in out.iterdir() if p.name.startswith('.nnunetcam-')], 'temp folder left behind'
 
@@ -179,7 +181,7 @@ def test_target_mask_and_api(model3d, sample_case, tmp_path):
     assert cam.shape == sitk.GetArrayFromImage(label).shape and cam.max() == pytest.approx(1.0)
     seg, cams = predict_with_cam(pred, data, dict(props), target_class='lesion')
     assert seg.shape == cam.shape and set(cams) == {'lesion'}
-    maps = run_cam_for_prediction(pred, str(sample_case), tmp_path / 'api', target_layer='encoder.stages.3',
+    maps = run_cam_for_prediction(pred, str(sample_case), tmp_path / 'api', target_layer=engine.layers[0],
                                   target_class=1, method='gradcam', cam_type='2d', save_slices=False)
     assert len(maps) == 1 and maps[0].shape == cam.shape
     assert (tmp_path / 'api' / 'sample_cam_lesion_gradcam.nii.gz').is_file()

@@ -120,15 +120,16 @@ def test_two_fold_cam_is_mean_of_single_folds(setup):
 def test_tta_cam_of_mirrored_input_is_mirrored_cam(model3d, setup):
     _, engine, _, data = setup
     pred = load_predictor(model3d, [0], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=True)
-    assert pred.allowed_mirroring_axes and 1 in pred.allowed_mirroring_axes
     patch = [int(p) for p in pred.configuration_manager.patch_size]
-    x = crop(data, (patch[0], 2 * patch[1], patch[2]))  # symmetric tile layout along y
+    x = crop(data, (patch[0], patch[1], patch[2] * 3 // 2))  # two tiles along x: a symmetric layout
+    assert 2 in pred.allowed_mirroring_axes
     nets = fold_networks(pred)
     spec = CamSpec(get_method('gradcam'), engine.layers, engine.targets[:1])
     a = sliding_window_cam(pred, nets, x, spec)
-    b = sliding_window_cam(pred, nets, x.flip(2), spec)
-    assert torch.allclose(b.logits.flip(2), a.logits, rtol=1e-3, atol=1e-3)
-    cam_a, cam_b = a.cams[0, 0], b.cams[0, 0].flip(1)
+    b = sliding_window_cam(pred, nets, x.flip(3), spec)
+    assert a.n_tiles == 2
+    assert torch.allclose(b.logits.flip(3), a.logits, rtol=1e-3, atol=1e-3)
+    cam_a, cam_b = a.cams[0, 0], b.cams[0, 0].flip(2)
     assert cam_a.max() > 0
     assert torch.allclose(cam_a, cam_b, rtol=1e-3, atol=1e-4 * float(cam_a.max()))
 

@@ -18,7 +18,7 @@ DATASET_ID = 987
 DATASET_NAME = f'Dataset{DATASET_ID:03d}_TinyCAM'
 LABELS = {'background': 0, 'lesion': 1, 'organ': 2}
 RESENC_PLANS = 'nnUNetResEncUNetMPlans'
-BUILD_VERSION = 2  # bump when the synthetic data or training recipe changes
+BUILD_VERSION = 6  # bump when the synthetic data or training recipe changes
 # anisotropic, rotated, offset: geometry that exposes any axis or direction mix-up
 SPACING = (0.9, 0.9, 2.0)
 DIRECTION = (0.9396926, -0.3420201, 0.0, 0.3420201, 0.9396926, 0.0, 0.0, 0.0, 1.0)
@@ -51,8 +51,10 @@ def synthetic_case(rng: np.random.Generator, shape=(20, 40, 40), spacing=SPACING
         cb = [int(rng.integers(a + h, b - h)) for (a, b), h in zip(inner[:2], half[:2])] + \
              [int(rng.integers(mid + half[2], hi_x - half[2]))]
         lab[tuple(slice(cc - h, cc + h) for cc, h in zip(cb, half))] = 2
+    # lesion brighter, organ darker than the background: the background lies inside the foreground intensity
+    # range, so nnU-Net's CT normalisation (clipped to foreground percentiles) keeps all three apart
     img[lab == 1] += 220
-    img[lab == 2] += 90
+    img[lab == 2] -= 90
     img += 50
     for ax in range(3):
         sl = [slice(None)] * 3
@@ -72,7 +74,7 @@ def synthetic_case(rng: np.random.Generator, shape=(20, 40, 40), spacing=SPACING
     return out[0], out[1]
 
 
-def write_sample_case(folder: Path, seed: int = 123, shape=(36, 72, 72), spacing=(1.0, 1.0, 2.2),
+def write_sample_case(folder: Path, seed: int = 123, shape=(36, 72, 72), spacing=(0.95, 0.95, 2.1),
                       name: str = 'sample') -> Path:
     """A test case larger than the patch (several tiles) with spacing unlike the plan's (so resampling happens).
     Its ground truth goes to folder/labels/."""
@@ -120,36 +122,43 @@ def build_tiny_models(root: Path, n_train: int = 6) -> Path:
     if done.is_file():
         return results
     tmp = Path(tempfile.mkdtemp(prefix='.building-', dir=root.parent if root.parent.exists() else None))
-    os.environ.update(nnUNet_raw=str(tmp / 'nnUNet_raw'), nnUNet_preprocessed=str(tmp / 'nnUNet_preprocessed'),
-                      nnUNet_results=str(tmp / 'nnUNet_results'))
-    import SimpleITK as sitk
-    raw = tmp / 'nnUNet_raw' / DATASET_NAME
-    (raw / 'imagesTr').mkdir(parents=True)
-    (raw / 'labelsTr').mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(n_train):
-        img, lab = synthetic_case(rng)
-        sitk.WriteImage(img, str(raw / 'imagesTr' / f'tiny_{i:03d}_0000.nii.gz'))
-        sitk.WriteImage(lab, str(raw / 'labelsTr' / f'tiny_{i:03d}.nii.gz'))
-    (raw / 'dataset.json').write_text(json.dumps({
-        'channel_names': {'0': 'T1'}, 'labels': LABELS, 'numTraining': n_train, 'file_ending': '.nii.gz'}))
+    try:
+        os.environ.update(nnUNet_raw=str(tmp / 'nnUNet_raw'), nnUNet_preprocessed=str(tmp / 'nnUNet_preprocessed'),
+                          nnUNet_results=str(tmp / 'nnUNet_results'))
+        import SimpleITK as sitk
+        raw = tmp / 'nnUNet_raw' / DATASET_NAME
+        (raw / 'imagesTr').mkdir(parents=True)
+        (raw / 'labelsTr').mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(n_train):
+            # mixed sizes: the larger cases give training patches without the zero border in view, as in big cases
+            small = i % 2 == 1
+            img, lab = synthetic_case(rng, shape=(20, 40, 40) if small else (28, 64, 64), objects=2 if small else 3)
+            sitk.WriteImage(img, str(raw / 'imagesTr' / f'tiny_{i:03d}_0000.nii.gz'))
+            sitk.WriteImage(lab, str(raw / 'labelsTr' / f'tiny_{i:03d}.nii.gz'))
+        # 'CT' makes nnU-Net normalise with dataset-wide intensities, so a class's brightness means the same in every case
+        (raw / 'dataset.json').write_text(json.dumps({
+            'channel_names': {'0': 'CT'}, 'labels': LABELS, 'numTraining': n_train, 'file_ending': '.nii.gz'}))
 
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                      preprocess)
-    extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True)
-    plan_experiments([DATASET_ID])
-    plan_experiments([DATASET_ID], 'nnUNetPlannerResEncM')
-    preprocess([DATASET_ID], configurations=('2d', '3d_fullres'), num_processes=(1, 1), show_progress_bar=False)
-    os.environ['nnUNet_n_proc_DA'] = '0'  # augment in-process: no worker pool on a 2-core machine
-    _train('3d_fullres', 0)
-    _train('3d_fullres', 1)
-    _train('2d', 0, epochs=30)
-    _untrained_resenc()
-    root.mkdir(parents=True, exist_ok=True)
-    if results.exists():
-        shutil.rmtree(results)
-    shutil.move(str(tmp / 'nnUNet_results'), str(results))
-    shutil.rmtree(tmp)
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                          preprocess)
+        extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True)
+        plan_experiments([DATASET_ID])
+        plan_experiments([DATASET_ID], 'nnUNetPlannerResEncM')
+        preprocess([DATASET_ID], configurations=('2d', '3d_fullres'), num_processes=(1, 1), show_progress_bar=False)
+        os.environ['nnUNet_n_proc_DA'] = '0'  # augment in-process: no worker pool on a 2-core machine
+        _train('3d_fullres', 0)
+        _train('3d_fullres', 1)
+        _train('2d', 0, epochs=30)
+        _untrained_resenc()
+        root.mkdir(parents=True, exist_ok=True)
+        if results.exists():
+            shutil.rmtree(results)
+        shutil.move(str(tmp / 'nnUNet_results'), str(results))
+        shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-built cache left behind
+        raise
     done.write_text(version('nnunetv2'))
     return results
 

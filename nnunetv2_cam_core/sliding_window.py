@@ -83,15 +83,21 @@ def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: tor
 
 
 def upsample(feature_map: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """A quadratic B-spline upsampling: (bi/tri)linear, then a box of one feature cell. Plain linear interpolation
-    leaves kinks on the feature grid, and tile borders always fall between them."""
+    """A quadratic B-spline upsampling: (bi/tri)linear, then a box of one feature cell along each axis (separable,
+    so a coarse layer costs a few operations per voxel). Plain linear interpolation leaves kinks on the feature grid,
+    and tile borders always fall between them."""
     x = feature_map[None, None]
     nd = x.ndim - 2
     x = F.interpolate(x, size=list(size), mode='bilinear' if nd == 2 else 'trilinear', align_corners=False)
-    k = [int(round(s / f)) // 2 * 2 + 1 for s, f in zip(size, feature_map.shape)]  # odd, about one cell
-    if max(k) > 1:
-        x = F.pad(x, [p for kk in reversed(k) for p in (kk // 2, kk // 2)], mode='replicate')
-        x = (F.avg_pool2d if nd == 2 else F.avg_pool3d)(x, k, stride=1)
+    pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
+    for axis, (s, f) in enumerate(zip(size, feature_map.shape)):
+        k = int(round(s / f)) // 2 * 2 + 1  # odd, about one cell
+        if k > 1:
+            pad = [0, 0] * nd
+            pad[2 * (nd - 1 - axis)] = pad[2 * (nd - 1 - axis) + 1] = k // 2
+            kernel = [1] * nd
+            kernel[axis] = k
+            x = pool(F.pad(x, pad, mode='replicate'), kernel, stride=1)
     return x[0, 0]
 
 
@@ -117,8 +123,8 @@ class _SlidingWindowRun:
         logits = torch.zeros((p.label_manager.num_segmentation_heads, *shape), device=results_device)
         cams = torch.zeros((n_t, n_l, *shape), device=results_device)
         track = spec.mask is None and spec.region == 'predicted'
-        hits = torch.zeros((n_t, *shape), dtype=torch.uint8, device=results_device) if track else None
-        coverage = torch.zeros(shape, dtype=torch.uint8, device=results_device) if track else None
+        hits = torch.zeros((n_t, *shape), dtype=torch.int16, device=results_device) if track else None
+        coverage = torch.zeros(shape, dtype=torch.int16, device=results_device) if track else None
         self.act_store, self.grad_store = {}, {}
         data = self.padded.to(p.device)
         captures = [LayerCapture(net, spec.layers) for net in self.networks]
