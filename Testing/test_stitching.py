@@ -8,6 +8,7 @@ import torch
 from scipy import ndimage
 
 from nnunetv2_cam_core.api import CamEngine
+from nnunetv2_cam_core.demo import SPACING, write_sample_case
 from nnunetv2_cam_core.methods import get_method
 from nnunetv2_cam_core.model import fold_networks, load_predictor
 from nnunetv2_cam_core.sliding_window import CamSpec, sliding_window_cam
@@ -15,10 +16,14 @@ from nnunetv2_cam_core.targets import predicted_mask
 
 
 @pytest.fixture(scope='module')
-def setup(model3d, sample_case):
+def setup(model3d, tmp_path_factory):
+    """A large case with many objects (75 tiles at step 0.5): seams and tiling effects are measured over many tile
+    borders and much content, not over the two or three borders of a small case."""
+    case = write_sample_case(tmp_path_factory.mktemp('large'), seed=11, shape=(40, 144, 144), spacing=SPACING,
+                             objects=12, name='large')
     pred = load_predictor(model3d, [0, 1], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=False)
     engine = CamEngine(pred, target_class=['lesion', 'organ'])
-    data, _, _, _ = engine.preprocess([str(sample_case)])
+    data, _, _, _ = engine.preprocess([str(case)])
     return pred, engine, fold_networks(pred), data
 
 
@@ -52,7 +57,7 @@ def test_no_tile_seams(setup, method):
     out = sliding_window_cam(pred, nets[:1], data, spec)
     cam = out.cams[0, 0].numpy()
     slicers = pred._internal_get_sliding_window_slicers(data.shape[1:])
-    assert out.n_tiles == len(slicers) > 8
+    assert out.n_tiles == len(slicers) >= 75
     assert cam.max() > 0
     score = seam_score(cam, slicers)
     assert score <= 1.2, f'{method}: seam score {score:.3f}'
@@ -121,13 +126,15 @@ def test_tta_cam_of_mirrored_input_is_mirrored_cam(model3d, setup):
     _, engine, _, data = setup
     pred = load_predictor(model3d, [0], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=True)
     patch = [int(p) for p in pred.configuration_manager.patch_size]
-    x = crop(data, (patch[0], patch[1], patch[2] * 3 // 2))  # two tiles along x: a symmetric layout
+    # one tile: nnU-Net's gaussian peaks at index size // 2, so with several tiles stitching itself is not exactly
+    # mirror-symmetric for even patch sizes
+    x = crop(data, patch)
     assert 2 in pred.allowed_mirroring_axes
     nets = fold_networks(pred)
     spec = CamSpec(get_method('gradcam'), engine.layers, engine.targets[:1])
     a = sliding_window_cam(pred, nets, x, spec)
     b = sliding_window_cam(pred, nets, x.flip(3), spec)
-    assert a.n_tiles == 2
+    assert a.n_tiles == 1
     assert torch.allclose(b.logits.flip(3), a.logits, rtol=1e-3, atol=1e-3)
     cam_a, cam_b = a.cams[0, 0], b.cams[0, 0].flip(2)
     assert cam_a.max() > 0

@@ -133,7 +133,7 @@ def scaling(model, device, work, quick) -> list:
     """Whole-process time of segmentation + CAM against the number of tiles (case size)."""
     from nnunetv2_cam_core.demo import SPACING
     points = []
-    sizes = [(20, 48, 48), (24, 80, 80)] if quick else [(20, 48, 48), (24, 80, 80), (32, 112, 112), (40, 144, 144)]
+    sizes = [(20, 48, 48), (24, 80, 80)] if quick else [(20, 48, 48), (28, 96, 96), (40, 144, 144)]
     for shape in sizes:
         case = make_case(work / f'scale_{shape[1]}', shape, SPACING)
         out = work / f'scale_out_{shape[1]}'

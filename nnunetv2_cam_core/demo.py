@@ -75,12 +75,12 @@ def synthetic_case(rng: np.random.Generator, shape=(20, 40, 40), spacing=SPACING
 
 
 def write_sample_case(folder: Path, seed: int = 123, shape=(36, 72, 72), spacing=(0.95, 0.95, 2.1),
-                      name: str = 'sample') -> Path:
+                      name: str = 'sample', objects: int = 3) -> Path:
     """A test case larger than the patch (several tiles) with spacing unlike the plan's (so resampling happens).
     Its ground truth goes to folder/labels/."""
     import SimpleITK as sitk
     folder.mkdir(parents=True, exist_ok=True)
-    img, lab = synthetic_case(np.random.default_rng(seed), shape, spacing, objects=3)
+    img, lab = synthetic_case(np.random.default_rng(seed), shape, spacing, objects=objects)
     path = folder / f'{name}_0000.nii.gz'
     sitk.WriteImage(img, str(path))
     (folder / 'labels').mkdir(exist_ok=True)
