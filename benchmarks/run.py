@@ -201,7 +201,7 @@ def main(argv=None) -> int:
         bench_model('tiny 3d_fullres', model_folder(results, '3d_fullres'), case3d, args.device, rows,
                     work / 'r3d', old_py, why, args.quick)
         if not args.quick:
-            case2d = make_case(work / 'case2d', (12, 100, 100), SPACING, seed=6)
+            case2d = make_case(work / 'case2d', (16, 100, 100), SPACING, seed=6)
             bench_model('tiny 2d', model_folder(results, '2d'), case2d, args.device, rows, work / 'r2d', old_py,
                         why, quick=True)
         points = scaling(model_folder(results, '3d_fullres'), args.device, work / 'scale', args.quick)
