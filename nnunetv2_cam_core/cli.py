@@ -64,9 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_env() -> dict:
-    import torch
-    from .api import _versions
-    info = {'versions': _versions(), 'cuda_available': torch.cuda.is_available(), 'devices': ['cpu']}
+    try:
+        import torch
+        from .api import _versions
+    except ImportError as e:
+        return {'ok': False, 'python': sys.executable,
+                'message': f'{e.name or e} is not installed in {sys.executable}; install the requirements there '
+                           f'(pip install nnunetv2 grad-cam) or pick another Python'}
+    info = {'ok': True, 'python': sys.executable, 'versions': _versions(), 'cuda_available': torch.cuda.is_available(),
+            'devices': ['cpu']}
     if torch.cuda.is_available():
         info['devices'] += [f'cuda:{i} {torch.cuda.get_device_name(i)}' for i in range(torch.cuda.device_count())]
         try:
@@ -135,8 +141,9 @@ def run(args, progress: Progress) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ['check-env']:
-        print(json.dumps(check_env(), indent=2))
-        return 0
+        info = check_env()
+        print(json.dumps(info, indent=2))
+        return 0 if info['ok'] else 1
     args = build_parser().parse_args(argv)
     as_json = args.progress == 'json'
     progress = Progress(args.progress, stream=sys.stdout)

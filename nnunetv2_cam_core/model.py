@@ -1,12 +1,12 @@
-"""Find and load a trained nnU-Net v2 model: folder, folds, checkpoint, device, one network per fold."""
+"""Find and load a trained nnU-Net v2 model: folder, folds, checkpoint, device, one network per fold.
+Imports no torch at module level: the Slicer module reads model folders with it in Slicer's own Python."""
 import contextlib
 import copy
 import io
+import json
 import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
-
-import torch
 
 from .errors import CamError, UsageError
 
@@ -46,6 +46,7 @@ def configuration_of(folder: Path, fold, checkpoint: str) -> Optional[str]:
     parts = folder.name.split('__')
     if len(parts) == 3:
         return parts[2]
+    import torch
     try:
         ckpt = torch.load(folder / f'fold_{fold}' / checkpoint, map_location='cpu', weights_only=False, mmap=True)
         return ckpt['init_args']['configuration']
@@ -61,7 +62,6 @@ def require_previous_stage(previous_stage: Optional[str], given: Optional[str]) 
 
 def check_cascade(folder: Path, configuration: Optional[str], prev_stage_predictions: Optional[str]) -> None:
     """Before loading: a cascade stage has extra input channels for the previous stage's segmentation."""
-    import json
     plans = json.loads((folder / 'plans.json').read_text())
     conf = plans.get('configurations', {}).get(configuration, {})
     require_previous_stage(conf.get('previous_stage'), prev_stage_predictions)
@@ -74,6 +74,22 @@ def available_folds(folder: Path, checkpoint: str) -> List[Union[int, str]]:
             f = d.name[len('fold_'):]
             out.append(int(f) if f.isdigit() else f)
     return out
+
+
+def describe_model(folder: Union[str, Path], checkpoint: str = 'checkpoint_final.pth') -> dict:
+    """What a user picks from: configuration, trained folds, labels and input channels (from dataset.json)."""
+    folder = resolve_model_folder(str(folder))
+    dataset = json.loads((folder / 'dataset.json').read_text())
+    plans = json.loads((folder / 'plans.json').read_text())
+    parts = folder.name.split('__')
+    configuration = parts[2] if len(parts) == 3 else None
+    channels = dataset.get('channel_names', dataset.get('modality', {}))
+    return {'folder': str(folder), 'dataset': plans.get('dataset_name', folder.parent.name),
+            'trainer': parts[0] if len(parts) == 3 else None, 'configuration': configuration,
+            'folds': available_folds(folder, checkpoint),
+            'labels': dataset['labels'], 'channels': [channels[k] for k in sorted(channels, key=int)],
+            'file_ending': dataset.get('file_ending', '.nii.gz'),
+            'previous_stage': plans.get('configurations', {}).get(configuration, {}).get('previous_stage')}
 
 
 def resolve_folds(folder: Path, folds: Optional[Sequence[str]], checkpoint: str) -> List[Union[int, str]]:
@@ -95,7 +111,8 @@ def resolve_folds(folder: Path, folds: Optional[Sequence[str]], checkpoint: str)
     return wanted
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> 'torch.device':
+    import torch
     name = (name or 'auto').lower()
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -109,7 +126,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_predictor(folder: Path, folds: Sequence, checkpoint: str, device: torch.device, step_size: float = 0.5,
+def load_predictor(folder: Path, folds: Sequence, checkpoint: str, device: 'torch.device', step_size: float = 0.5,
                    use_mirroring: bool = True):
     """nnU-Net's own predictor, initialised from the model folder."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -128,7 +145,7 @@ def load_predictor(folder: Path, folds: Sequence, checkpoint: str, device: torch
     return predictor
 
 
-def fold_networks(predictor) -> List[torch.nn.Module]:
+def fold_networks(predictor) -> list:
     """One inference copy of the network per fold: eval, no parameter gradients, no in-place activations (so the
     captured target-layer outputs stay intact), on the predictor's device. The predictor's own network is untouched."""
     nets = []
