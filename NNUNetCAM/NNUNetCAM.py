@@ -1,0 +1,436 @@
+"""NNUNetCAM: why did an nnU-Net v2 model segment what it did? Class Activation Maps over the scan.
+
+Thin Slicer glue: the Module, the Widget (panel <-> parameter node <-> NNUNetCAMLib) and the Test. All logic lives in
+NNUNetCAMLib, which has no Qt and is tested outside Slicer; the computation runs in nnunetv2_cam_core, in a
+subprocess."""
+import subprocess
+import time
+
+import qt
+import slicer
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from NNUNetCAMLib import (COLORMAPS, DEFAULT_COLORMAP, DisplayOptions, NNUNetCAMLogic, PythonEnvironment,
+                          install_requirements, layer_choices, missing_requirements, model_info, target_classes)
+from NNUNetCAMLib import display
+from NNUNetCAMLib.logic import stdout_json
+
+PYTHON_SETTING = 'NNUNetCAM/python'  # '' = Slicer's own Python
+
+
+class NNUNetCAM(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = 'NNUNetCAM'
+        self.parent.categories = ['Segmentation']
+        self.parent.contributors = ['NNUNetCAM developers']
+        self.parent.helpText = (
+            'Segment a scan with a trained nnU-Net v2 model and show <b>why</b>: a Class Activation Map (Grad-CAM '
+            'and related methods) over the image, bright where the model looked to find the chosen class. '
+            'Pick the volume and the model folder, click Apply. See the '
+            '<a href="https://github.com/nnunetcam/NNUNetCAM">README</a>.')
+        self.parent.acknowledgementText = (
+            'Uses nnU-Net v2 (Isensee et al.) and pytorch-grad-cam (Gildenblat et al.). Subprocess, progress and '
+            'cancel follow SlicerNNUNet and SlicerMONAIAuto3DSeg.')
+
+
+@parameterNodeWrapper
+class NNUNetCAMParameterNode:
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    channel1Volume: slicer.vtkMRMLScalarVolumeNode
+    channel2Volume: slicer.vtkMRMLScalarVolumeNode
+    channel3Volume: slicer.vtkMRMLScalarVolumeNode
+    modelFolder: str = ''
+    targetClass: str = ''
+    targetLayer: str = 'bottleneck'
+    method: str = 'gradcam'
+    device: str = 'auto'
+    tta: bool = True
+    targetRoi: slicer.vtkMRMLMarkupsROINode
+    camVolume: slicer.vtkMRMLScalarVolumeNode
+    colormap: str = DEFAULT_COLORMAP
+    opacity: float = 0.5
+    threshold: float = 0.2
+    colorLegend: bool = True
+    volumeRendering: bool = False
+
+
+class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._info = None
+        self._foldBoxes = []
+        self._run = None
+        self._started = 0.0
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath('UI/NNUNetCAM.ui'))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = NNUNetCAMLogic(scheduler=qt.QTimer.singleShot, temp_root=slicer.app.temporaryPath,
+                                    volume_rendering_logic=slicer.modules.volumerendering.logic())
+        self.ui.progressBar.hide()
+        self.ui.colormapComboBox.addItems(list(COLORMAPS))
+        self.ui.methodComboBox.addItem('gradcam')
+
+        self.ui.modelFolderPathLineEdit.connect('currentPathChanged(QString)', self.onModelFolderChanged)
+        self.ui.targetClassComboBox.connect('currentTextChanged(QString)', self.onTargetClassChanged)
+        self.ui.targetLayerComboBox.connect('currentIndexChanged(int)', self.onTargetLayerChanged)
+        self.ui.methodComboBox.connect('currentTextChanged(QString)', self.onMethodChanged)
+        self.ui.targetSegmentSelector.connect('currentNodeChanged(vtkMRMLNode*)', lambda node: self.updateApply())
+        self.ui.inputVolumeSelector.connect('currentNodeChanged(vtkMRMLNode*)', lambda node: self.updateApply())
+        self.ui.applyButton.connect('clicked(bool)', self.onApply)
+        self.ui.camVolumeSelector.connect('currentNodeChanged(vtkMRMLNode*)', self.onDisplayChanged)
+        self.ui.colormapComboBox.connect('currentTextChanged(QString)', self.onDisplayChanged)
+        self.ui.thresholdSlider.connect('valueChanged(double)', self.onDisplayChanged)
+        self.ui.opacitySlider.connect('valueChanged(double)', lambda v: display.set_overlay_opacity(slicer.mrmlScene, v))
+        self.ui.colorLegendCheckBox.connect('toggled(bool)', self.onDisplayChanged)
+        self.ui.volumeRenderingCheckBox.connect('toggled(bool)', self.onDisplayChanged)
+        self.ui.slicerPythonRadioButton.connect('toggled(bool)', self.onEnvironmentChanged)
+        self.ui.pythonPathLineEdit.connect('currentPathChanged(QString)', self.onEnvironmentChanged)
+        self.ui.checkEnvironmentButton.connect('clicked(bool)', self.onCheckEnvironment)
+        self.ui.installButton.connect('clicked(bool)', self.onInstall)
+
+        python = qt.QSettings().value(PYTHON_SETTING) or ''
+        self.ui.customPythonRadioButton.setChecked(bool(python))
+        self.ui.pythonPathLineEdit.currentPath = python
+        self.onEnvironmentChanged()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self.removeObservers()
+        if self.logic:
+            self.logic.cancel()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def onSceneStartClose(self, caller, event):
+        self.logic.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # --- parameter node ---
+    def initializeParameterNode(self):
+        node = NNUNetCAMParameterNode(ScriptedLoadableModuleLogic().getParameterNode())
+        if not node.inputVolume:
+            node.inputVolume = slicer.mrmlScene.GetFirstNodeByClass('vtkMRMLScalarVolumeNode')
+        self.setParameterNode(node)
+
+    def setParameterNode(self, node):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._connections)
+        self._parameterNode = node
+        if node:
+            self._connections = node.connectGui({
+                'inputVolume': self.ui.inputVolumeSelector, 'channel1Volume': self.ui.channel1Selector,
+                'channel2Volume': self.ui.channel2Selector, 'channel3Volume': self.ui.channel3Selector,
+                'device': self.ui.deviceComboBox, 'tta': self.ui.ttaCheckBox,
+                'targetRoi': self.ui.targetRoiSelector, 'camVolume': self.ui.camVolumeSelector,
+                'colormap': self.ui.colormapComboBox, 'opacity': self.ui.opacitySlider,
+                'threshold': self.ui.thresholdSlider, 'colorLegend': self.ui.colorLegendCheckBox,
+                'volumeRendering': self.ui.volumeRenderingCheckBox})
+            if node.modelFolder and node.modelFolder != self.ui.modelFolderPathLineEdit.currentPath:
+                self.ui.modelFolderPathLineEdit.currentPath = node.modelFolder
+        self.updateApply()
+
+    # --- model folder: info now, layers and methods from the core in the background ---
+    def onModelFolderChanged(self, folder):
+        self._info = None
+        self.ui.targetClassComboBox.clear()
+        self.ui.targetLayerComboBox.clear()
+        for box in self._foldBoxes:
+            box.deleteLater()
+        self._foldBoxes = []
+        if not folder:
+            self.updateApply()
+            return
+        try:
+            self._info = model_info(folder)
+        except Exception as e:
+            self.ui.modelInfoLabel.text = f'<span style="color:#c0392b">{e}</span>'
+            self.updateApply()
+            return
+        info = self._info
+        if self._parameterNode:
+            self._parameterNode.modelFolder = info['folder']
+        self.ui.modelInfoLabel.text = (
+            f'{info["dataset"]}, {info["configuration"]}, folds {", ".join(map(str, info["folds"])) or "none"}; '
+            f'labels: {", ".join(target_classes(info))}; channels: {", ".join(info["channels"])}')
+        wanted = self._parameterNode.targetClass if self._parameterNode else ''
+        self.ui.targetClassComboBox.addItems(target_classes(info))
+        if wanted in target_classes(info):
+            self.ui.targetClassComboBox.currentText = wanted
+        for i, (label, selector) in enumerate(self._channelWidgets(), start=1):
+            shown = i < len(info['channels'])
+            label.visible = selector.visible = shown
+            if shown:
+                label.text = f'{info["channels"][i]} (channel {i}):'
+        self.ui.inputVolumeLabel.text = f'{info["channels"][0]} volume:'
+        for fold in info['folds']:
+            box = qt.QCheckBox(str(fold))
+            box.checked = True
+            box.connect('toggled(bool)', lambda checked: self.updateApply())
+            self.ui.foldsLayout.addWidget(box)
+            self._foldBoxes.append(box)
+        self.ui.targetLayerComboBox.addItem('bottleneck (listing layers...)', 'bottleneck')
+        self.logic.callCore(['--list-layers', '-m', info['folder'], '-device', 'cpu', '--progress', 'json'],
+                            lambda rc, events: self.onLayersListed(folder, rc, events))
+        if self.ui.methodComboBox.count == 1:
+            self.logic.callCore(['--list-methods', '--progress', 'json'], self.onMethodsListed)
+        self.updateApply()
+
+    def _channelWidgets(self):
+        return [(self.ui.channel1Label, self.ui.channel1Selector), (self.ui.channel2Label, self.ui.channel2Selector),
+                (self.ui.channel3Label, self.ui.channel3Selector)]
+
+    def onLayersListed(self, folder, rc, events):
+        if folder != self.ui.modelFolderPathLineEdit.currentPath:
+            return
+        combo = self.ui.targetLayerComboBox
+        try:
+            choices = layer_choices(stdout_json(rc, events))
+        except RuntimeError as e:
+            combo.setItemText(0, 'bottleneck (layers could not be listed)')
+            self.log(f'--list-layers: {e}')
+            return
+        wanted = self._parameterNode.targetLayer if self._parameterNode else 'bottleneck'
+        combo.blockSignals(True)
+        combo.clear()
+        for name, text in choices:
+            combo.addItem(text, name)
+        index = combo.findData(wanted)
+        combo.currentIndex = max(index, 0)
+        combo.blockSignals(False)
+
+    def onMethodsListed(self, rc, events):
+        try:
+            methods = stdout_json(rc, events)
+        except RuntimeError as e:
+            self.log(f'--list-methods: {e}')
+            return
+        combo = self.ui.methodComboBox
+        current = combo.currentText
+        combo.blockSignals(True)
+        combo.clear()
+        for name, description in methods.items():
+            combo.addItem(name)
+            combo.setItemData(combo.count - 1, description, qt.Qt.ToolTipRole)
+        combo.currentText = self._parameterNode.method if self._parameterNode else current
+        combo.blockSignals(False)
+
+    def onTargetClassChanged(self, text):
+        if self._parameterNode and text:
+            self._parameterNode.targetClass = text
+
+    def onMethodChanged(self, text):
+        if self._parameterNode and text:
+            self._parameterNode.method = text
+
+    def onTargetLayerChanged(self, index):
+        name = self.ui.targetLayerComboBox.itemData(index)
+        if self._parameterNode and name:
+            self._parameterNode.targetLayer = name
+
+    def selectedFolds(self):
+        return [box.text for box in self._foldBoxes if box.checked]
+
+    def updateApply(self):
+        running = self._run is not None and self._run.running
+        ready = bool(self.ui.inputVolumeSelector.currentNode() and self._info and self.selectedFolds())
+        self.ui.applyButton.enabled = running or ready
+        self.ui.applyButton.text = 'Cancel' if running else 'Apply'
+        self.ui.applyButton.toolTip = ('Stop the run; nothing is added to the scene.' if running else
+                                       'Segment the volume and compute the CAM.' if ready else
+                                       'Select an input volume, a model folder and at least one fold.')
+
+    # --- run ---
+    def onApply(self):
+        if self._run is not None and self._run.running:
+            self._run.cancel()
+            self.ui.statusLabel.text = 'Cancelled; nothing was added to the scene.'
+            self.ui.progressBar.hide()
+            self.updateApply()
+            return
+        if not self.ensureEnvironment():
+            return
+        p = self._parameterNode
+        channels = [p.channel1Volume, p.channel2Volume, p.channel3Volume][:len(self._info['channels']) - 1]
+        segmentation = self.ui.targetSegmentSelector.currentNode()
+        segmentId = self.ui.targetSegmentSelector.currentSegmentID() if segmentation else None
+        self.ui.logTextEdit.clear()
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.show()
+        self._started = time.monotonic()
+        try:
+            self._run = self.logic.run(
+                p.inputVolume, self._info['folder'], targetClass=self.ui.targetClassComboBox.currentText,
+                method=p.method, layers=[p.targetLayer], folds=self.selectedFolds(), device=p.device, tta=p.tta,
+                channelVolumes=channels, targetSegmentation=segmentation if segmentId else None,
+                targetSegmentId=segmentId, targetRoi=p.targetRoi if not segmentId else None,
+                displayOptions=DisplayOptions(p.colormap, p.threshold, p.opacity, p.colorLegend, p.volumeRendering),
+                wait=False, onProgress=self.onProgress, onLog=self.log, onFinished=self.onFinished,
+                onError=self.onError)
+        except Exception as e:
+            self.ui.progressBar.hide()
+            slicer.util.errorDisplay(str(e), windowTitle='NNUNetCAM')
+            return
+        self.log(' '.join(self._run.log[:1]))
+        self.updateApply()
+
+    def onProgress(self, fraction, text):
+        self.ui.progressBar.value = int(round(100 * fraction))
+        self.ui.statusLabel.text = text
+
+    def log(self, line):
+        self.ui.logTextEdit.appendPlainText(line)
+
+    def onFinished(self, result):
+        self.ui.progressBar.hide()
+        self.ui.statusLabel.text = (f'Done in {time.monotonic() - self._started:.0f} s: '
+                                    f'{", ".join(node.GetName() for node in result.nodes())}')
+        self._parameterNode.camVolume = next(iter(result.cams.values()))
+        self.updateApply()
+
+    def onError(self, message):
+        self.ui.progressBar.hide()
+        self.ui.statusLabel.text = 'Failed; see the log.'
+        self.updateApply()
+        slicer.util.errorDisplay(message, windowTitle='NNUNetCAM', detailedText='\n'.join(self._run.log))
+
+    def onDisplayChanged(self, *args):
+        """Read from the widgets: the parameter node may be updated after this slot runs."""
+        cam, background = self.ui.camVolumeSelector.currentNode(), self.ui.inputVolumeSelector.currentNode()
+        if not cam or not background or not cam.GetDisplayNode():
+            return
+        threshold = self.ui.thresholdSlider.value
+        display.style_cam(slicer.mrmlScene, cam, self.ui.colormapComboBox.currentText, threshold)
+        display.show_in_slice_views(slicer.mrmlScene, background, cam, self.ui.opacitySlider.value)
+        legend = slicer.modules.colors.logic().GetColorLegendDisplayNode(cam)
+        if legend:
+            legend.SetVisibility(self.ui.colorLegendCheckBox.checked)
+        elif self.ui.colorLegendCheckBox.checked:
+            display.add_color_legend(cam, cam.GetName())
+        volumeRendering = slicer.modules.volumerendering.logic()
+        rendering = volumeRendering.GetFirstVolumeRenderingDisplayNode(cam)
+        if self.ui.volumeRenderingCheckBox.checked:
+            display.show_volume_rendering(slicer.mrmlScene, cam, volumeRendering, threshold)
+        elif rendering:
+            rendering.SetVisibility(False)
+
+    # --- Python environment ---
+    def environment(self):
+        if self.ui.slicerPythonRadioButton.checked:
+            return PythonEnvironment()
+        return PythonEnvironment(self.ui.pythonPathLineEdit.currentPath, slicer.util.startupEnvironment())
+
+    def onEnvironmentChanged(self, *args):
+        custom = self.ui.customPythonRadioButton.checked
+        self.ui.pythonPathLineEdit.enabled = custom
+        self.ui.installButton.visible = not custom
+        qt.QSettings().setValue(PYTHON_SETTING, self.ui.pythonPathLineEdit.currentPath if custom else '')
+        if self.logic:
+            self.logic.environment = self.environment()
+        self.ui.environmentStatusLabel.text = f'Using {self.logic.environment.describe()}; not checked yet.'
+
+    def onCheckEnvironment(self):
+        env = self.logic.environment
+        self.ui.environmentStatusLabel.text = f'Checking {env.describe()}...'
+        self.logic.callCore(['check-env'], lambda rc, events: self._showCheck(env.parse_check(rc, events)))
+
+    def _showCheck(self, info):
+        color = '#27ae60' if info['ok'] else '#c0392b'
+        self.ui.environmentStatusLabel.text = f'<span style="color:{color}">{info["message"]}</span>'
+
+    def requirementsFile(self):
+        return self.resourcePath('requirements.txt')
+
+    def ensureEnvironment(self):
+        """Slicer's Python: offer to install what is missing. Another Python: the user set it up."""
+        if not self.logic.environment.is_slicer_python:
+            return True
+        missing = missing_requirements(self.requirementsFile())
+        if not missing:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+                'NNUNetCAM needs these Python packages in Slicer:\n  ' + '\n  '.join(missing)
+                + '\n\nInstall them now? This downloads several GB (PyTorch) and can take minutes. Packages '
+                  'that Slicer ships are not changed.', windowTitle='NNUNetCAM'):
+            return False
+        return self.onInstall()
+
+    def onInstall(self):
+        missing = missing_requirements(self.requirementsFile())
+        if not missing:
+            self.ui.environmentStatusLabel.text = "Slicer's Python has everything NNUNetCAM needs."
+            return True
+        installTorch = None
+        try:
+            import PyTorchUtils
+
+            def installTorch(lines):
+                spec = next((line[len('torch'):] for line in lines if line.startswith('torch')), '')
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                                 torchVersionRequirement=spec or None) is None:
+                    raise RuntimeError('the PyTorch extension could not install torch; see its log')
+        except ImportError:
+            self.log('PyTorch extension not found: installing torch with pip (CPU or default CUDA build)')
+        try:
+            with slicer.util.WaitCursor():
+                install_requirements(missing, slicer.util.pip_install, installTorch, log=self.log)
+        except Exception as e:
+            slicer.util.errorDisplay(f'Installing the requirements failed: {e}', windowTitle='NNUNetCAM')
+            return False
+        self.ui.environmentStatusLabel.text = "Requirements installed in Slicer's Python."
+        return True
+
+
+class NNUNetCAMTest(ScriptedLoadableModuleTest):
+    """End to end on the tiny demo model (built on first use, a few minutes on CPU): run, then check the nodes
+    and that the CAM sits on the input's voxel grid exactly."""
+
+    def runTest(self):
+        slicer.mrmlScene.Clear()
+        self.test_run_and_geometry()
+
+    def test_run_and_geometry(self):
+        import numpy as np
+        from NNUNetCAMLib.volumes import ijk_to_ras
+        logic = NNUNetCAMLogic()
+        env = logic.environment
+        if not env.check()['ok']:
+            self.skipTest(f'{env.describe()} lacks the requirements; install them from the NNUNetCAM panel')
+        self.delayDisplay('Building (or finding) the tiny demo model')
+        code = ('import sys; from pathlib import Path; from nnunetv2_cam_core.demo import build_tiny_models, '
+                'default_cache, model_folder, write_sample_case; r = build_tiny_models(default_cache()); '
+                'print(model_folder(r)); print(write_sample_case(Path(sys.argv[1])))')
+        out = subprocess.run([env.executable, '-c', code, slicer.app.temporaryPath], env=env.env(),
+                             capture_output=True, text=True, check=True).stdout.split()
+        model, case = out[-2], out[-1]
+        volume = slicer.util.loadVolume(case)
+        self.delayDisplay('Running NNUNetCAM')
+        result = logic.run(volume, model, targetClass='lesion', layers=['last_decoder'], folds=[0], device='cpu',
+                           tta=False)
+        cam = result.cams['lesion']
+        self.assertEqual(cam.GetName(), f'{volume.GetName()} CAM lesion gradcam')
+        self.assertLess(np.abs(ijk_to_ras(cam) - ijk_to_ras(volume)).max(), 1e-4)
+        values = slicer.util.arrayFromVolume(cam)
+        self.assertAlmostEqual(float(values.max()), 1.0, places=4)
+        names = [result.segmentation.GetSegmentation().GetNthSegment(i).GetName()
+                 for i in range(result.segmentation.GetSegmentation().GetNumberOfSegments())]
+        self.assertIn('lesion', names)
+        self.delayDisplay('Test passed')

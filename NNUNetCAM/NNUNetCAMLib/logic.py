@@ -1,0 +1,345 @@
+"""NNUNetCAMLogic: write the input for the core, run the core in the background, load its outputs as nodes.
+
+    logic = NNUNetCAMLogic()
+    result = logic.run(volume, '/models/.../nnUNetTrainer__nnUNetPlans__3d_fullres', targetClass='lesion')
+    result.cams['lesion'], result.segmentation
+
+Qt-free: the background run advances in CamRun.poll(), which the panel calls from a timer (or `scheduler`), and
+which `wait=True` calls in a loop. Nodes are only added in poll(), on the caller's thread, after the core succeeded.
+"""
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import slicer
+
+from . import display, volumes
+from .environment import PythonEnvironment, ensure_core_importable
+from .process import CoreProcess, run_to_end
+
+WRITABLE_ENDINGS = ('.nii.gz', '.nii', '.nrrd', '.mha', '.mhd')
+# progress bar share of each core stage: (start, end)
+STAGES = {'load': (0.0, 0.08, 'Loading the model'), 'preprocess': (0.08, 0.12, 'Preprocessing'),
+          'tiles': (0.12, 0.92, 'Sliding window'), 'export': (0.92, 0.97, 'Writing results'),
+          'done': (0.97, 0.99, 'Loading results into Slicer')}
+
+
+@dataclass
+class CamResult:
+    segmentation: object
+    cams: Dict[str, object]
+    sidecar: dict
+    notes: List[str] = field(default_factory=list)
+
+    def nodes(self) -> list:
+        return [self.segmentation, *self.cams.values()]
+
+
+@dataclass
+class DisplayOptions:
+    colormap: str = display.DEFAULT_COLORMAP
+    threshold: float = 0.2
+    opacity: float = 0.5
+    color_legend: bool = True
+    volume_rendering: bool = False
+
+
+def model_info(folder: Union[str, Path]) -> dict:
+    """Configuration, trained folds, labels, channel names and file ending, read with the core's own rules
+    (same checks and messages as a core run)."""
+    ensure_core_importable()
+    from nnunetv2_cam_core.model import describe_model
+    return describe_model(folder)
+
+
+def target_classes(info: dict) -> List[str]:
+    return [name for name, value in info['labels'].items() if value != 0 and name != 'background']
+
+
+def layer_choices(rows: List[dict]) -> List[tuple]:
+    """(module name, label) for the encoder and decoder stages from `--list-layers`, bottleneck first."""
+    out = []
+    for r in rows:
+        parts = r['name'].split('.')
+        if len(parts) != 3 or parts[1] != 'stages' or r['shape'] is None:
+            continue
+        factor = max(r['stride'])
+        resolution = 'full resolution' if factor == 1 else f'1/{factor:g} resolution'
+        kind = r['mark'] or f'{parts[0]} stage {parts[2]}'
+        size = '×'.join(map(str, r['shape'][1:]))
+        out.append((r['name'], f'{r["name"]}: {kind}, {resolution} ({r["shape"][0]} ch, {size} per tile)'))
+    return sorted(out, key=lambda c: 'bottleneck' not in c[1])
+
+
+def stdout_json(rc: Optional[int], events: List[dict]):
+    """The JSON a short core call printed, or RuntimeError with the core's one-line message."""
+    if rc == 0:
+        for e in events:
+            if e.get('stream') == 'stdout':
+                try:
+                    return json.loads(e['message'])
+                except ValueError:
+                    pass
+    errors = [e['message'] for e in events if e.get('event') == 'error']
+    last = [e['message'] for e in events if e.get('event') == 'log'][-1:] or ['no output']
+    raise RuntimeError(errors[-1] if errors else f'the core failed (exit {rc}): {last[0]}')
+
+
+class CamRun:
+    """One background core run. poll() returns True while it is running."""
+
+    def __init__(self, process: CoreProcess, workdir: Path, sidecar: Path, load: Callable[[dict], CamResult],
+                 on_progress=None, on_log=None, on_finished=None, on_error=None):
+        self.process, self.workdir, self.sidecar, self._load = process, workdir, sidecar, load
+        self.on_progress, self.on_log, self.on_finished, self.on_error = on_progress, on_log, on_finished, on_error
+        self.state = 'running'  # running, done, failed, cancelled
+        self.fraction, self.status = 0.0, 'Starting'
+        self.result: Optional[CamResult] = None
+        self.error: Optional[str] = None
+        self.log: List[str] = [' '.join(process.command)]
+        self._errors: List[str] = []
+
+    @property
+    def running(self) -> bool:
+        return self.state == 'running'
+
+    def poll(self) -> bool:
+        if not self.running:
+            return False
+        for event in self.process.poll():
+            self._handle(event)
+        rc = self.process.returncode
+        if rc is None:
+            return True
+        for event in self.process.poll():
+            self._handle(event)
+        if rc == 0:
+            self._finish()
+        else:
+            self._fail(self._errors[-1] if self._errors else f'the core stopped with exit code {rc}; see the log')
+        return False
+
+    def _handle(self, event: dict) -> None:
+        kind = event.get('event')
+        if kind == 'log':
+            line = event['message']
+            if line.startswith('error: ') and not self._errors:
+                self._errors.append(line[len('error: '):])
+            self._log(line)
+        elif kind == 'error':
+            self._errors.append(event['message'])
+        elif kind == 'stage' and event['stage'] in STAGES:
+            start, _, text = STAGES[event['stage']]
+            self._progress(start, text)
+        elif kind == 'tiles':
+            start, end, text = STAGES['tiles']
+            self._progress(start + (end - start) * event['fraction'],
+                           f'{text}: tile {event["tile"]}/{event["tiles"]}, about {event["eta_s"]:.0f} s left')
+        elif kind in ('warning', 'result', 'skip'):
+            self._log(event.get('message', str(event)))
+
+    def _progress(self, fraction: float, text: str) -> None:
+        self.fraction, self.status = fraction, text
+        if self.on_progress:
+            self.on_progress(fraction, text)
+
+    def _log(self, line: str) -> None:
+        self.log.append(line)
+        if self.on_log:
+            self.on_log(line)
+
+    def _finish(self) -> None:
+        try:
+            sidecar = json.loads(self.sidecar.read_text())
+            self.result = self._load(sidecar)
+        except Exception as e:
+            self._fail(str(e))
+            return
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.state = 'done'
+        self._progress(1.0, 'Done')
+        for note in self.result.notes:
+            self._log(note)
+        if self.on_finished:
+            self.on_finished(self.result)
+
+    def _fail(self, message: str) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.state, self.error = 'failed', message
+        self._log(f'error: {message}')
+        if self.on_error:
+            self.on_error(message)
+
+    def cancel(self) -> None:
+        """Kill the core's process tree, delete the temporary folder; no nodes are added."""
+        if not self.running:
+            return
+        self.process.cancel()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.state = 'cancelled'
+        self._log('cancelled')
+
+    def wait(self, timeout: Optional[float] = None) -> CamResult:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll():
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                raise TimeoutError(f'the CAM run took longer than {timeout:.0f} s and was cancelled')
+            time.sleep(0.05)
+        if self.state != 'done':
+            raise RuntimeError(self.error or self.state)
+        return self.result
+
+
+class NNUNetCAMLogic:
+    """`scene`: defaults to slicer.mrmlScene. `scheduler(ms, fn)`: runs fn later on the main thread (in Slicer,
+    qt.QTimer.singleShot), so `wait=False` runs advance by themselves; without one, call run.poll()."""
+
+    def __init__(self, scene=None, environment: Optional[PythonEnvironment] = None,
+                 temp_root: Optional[str] = None, scheduler: Optional[Callable] = None,
+                 volume_rendering_logic=None):
+        self.scene = scene if scene is not None else slicer.mrmlScene
+        self.environment = environment or PythonEnvironment()
+        self.temp_root = temp_root
+        self.scheduler = scheduler
+        self.volume_rendering_logic = volume_rendering_logic
+        self.current: Optional[CamRun] = None
+
+    # --- short core calls: --list-methods, --list-layers, check-env ---
+    def callCore(self, args: Sequence, onDone: Optional[Callable] = None, timeout: float = 300):
+        """(returncode, events) of a short core call; with onDone and a scheduler, onDone(returncode, events)
+        is called later and nothing blocks."""
+        if onDone is None or self.scheduler is None:
+            result = run_to_end(self.environment.command(*args), self.environment.env(), timeout)
+            return onDone(*result) if onDone else result
+        process, events = CoreProcess(self.environment.command(*args), self.environment.env()), []
+
+        def tick():
+            events.extend(process.poll())
+            if process.returncode is None:
+                self.scheduler(100, tick)
+            else:
+                onDone(process.returncode, events + process.poll())
+        self.scheduler(100, tick)
+        return process
+
+    def listMethods(self) -> Dict[str, str]:
+        return stdout_json(*self.callCore(['--list-methods', '--progress', 'json']))
+
+    def listLayers(self, modelFolder, device: str = 'cpu') -> List[dict]:
+        return stdout_json(*self.callCore(['--list-layers', '-m', modelFolder, '-device', device, '--progress', 'json']))
+
+    # --- the run ---
+    def run(self, inputVolume, modelFolder, targetClass: Union[None, str, Sequence[str]] = None,
+            method: str = 'gradcam', layers: Optional[Sequence[str]] = None, folds: Optional[Sequence] = None,
+            device: str = 'auto', tta: bool = True, channelVolumes: Sequence = (), targetSegmentation=None,
+            targetSegmentId: Optional[str] = None, targetRoi=None, displayOptions: Optional[DisplayOptions] = None,
+            outputFolder: Optional[str] = None, wait: bool = True, onProgress=None, onLog=None, onFinished=None, onError=None):
+        """Segmentation + CAM(s) of `inputVolume`. wait=True returns a CamResult (raises RuntimeError with the
+        core's one-line message on failure); wait=False returns the CamRun and reports through the callbacks.
+        `outputFolder`: also keep the core's files (segmentation, CAMs, sidecar) there; otherwise they are
+        deleted with the temporary folder once loaded."""
+        if self.current is not None and self.current.running:
+            raise RuntimeError('a CAM run is already going; wait for it to finish or cancel it')
+        if inputVolume is None:
+            raise ValueError('no input volume; select the volume to explain')
+        info = model_info(modelFolder)
+        classes = [targetClass] if isinstance(targetClass, str) else list(targetClass or target_classes(info)[:1])
+        channels = [inputVolume, *channelVolumes]
+        if len(channels) != len(info['channels']) or None in channels:
+            missing = [n for n, v in zip(info['channels'], channels + [None] * len(info['channels'])) if v is None]
+            raise ValueError(f'this model takes {len(info["channels"])} channel(s) ({", ".join(info["channels"])}); '
+                             f'select a volume for {", ".join(missing) or "each of them and no more"}')
+        ending = info['file_ending']
+        if ending not in WRITABLE_ENDINGS:
+            raise ValueError(f'this model reads {ending} files, which Slicer cannot write; run the core CLI on the '
+                             f'original files instead')
+        options = displayOptions or DisplayOptions()
+        display.color_node_id(self.scene, options.colormap)  # an unknown colormap fails now, not after the run
+        case = re.sub(r'[^A-Za-z0-9_-]+', '_', inputVolume.GetName()).strip('_') or 'volume'
+        workdir = Path(tempfile.mkdtemp(prefix='NNUNetCAM-', dir=self.temp_root))
+        try:
+            args = self._write_inputs(workdir, case, channels, ending, targetSegmentation, targetSegmentId,
+                                      targetRoi, inputVolume)
+            out = Path(outputFolder) if outputFolder else workdir / 'output'
+            args += ['-o', out, '-m', info['folder'], '--target-class', *classes, '--method', method,
+                     '-device', device, '--progress', 'json', '--overwrite']
+            if layers:
+                args += ['--target-layer', *layers]
+            if folds:
+                args += ['-f', *map(str, folds)]
+            if not tta:
+                args += ['--disable-tta']
+            process = CoreProcess(self.environment.command(*args), self.environment.env())
+        except Exception:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+
+        def load(sidecar: dict) -> CamResult:
+            return self._load_results(sidecar, out, inputVolume, info, method, options)
+        self.current = CamRun(process, workdir, out / f'{case}_cam.json', load, onProgress, onLog, onFinished, onError)
+        if wait:
+            return self.current.wait()
+        if self.scheduler is not None:
+            self._schedule(self.current)
+        return self.current
+
+    def cancel(self) -> None:
+        if self.current is not None:
+            self.current.cancel()
+
+    def _schedule(self, run: CamRun) -> None:
+        def tick():
+            if run.poll():
+                self.scheduler(100, tick)
+        self.scheduler(100, tick)
+
+    def _write_inputs(self, workdir: Path, case: str, channels, ending, segmentation, segment_id, roi,
+                      reference) -> list:
+        (workdir / 'input').mkdir()
+        volumes.write_case(workdir / 'input', channels, ending, case)
+        args = ['-i', workdir / 'input']
+        if segmentation is not None or roi is not None:
+            mask = workdir / f'target_mask{ending}'
+            volumes.write_target_mask(self.scene, reference, mask, segmentation, segment_id, roi)
+            args += ['--target-mask', mask]
+        return args
+
+    def _load_results(self, sidecar: dict, out: Path, inputVolume, info: dict, method: str,
+                      options: DisplayOptions) -> CamResult:
+        name = inputVolume.GetName()
+        added = []
+        try:
+            segmentation = volumes.load_segmentation(self.scene, out / sidecar['segmentation'], f'{name} segmentation',
+                                                     inputVolume, info['labels'])
+            added.append(segmentation)
+            cams, notes = {}, []
+            for label, file in sidecar['cams'].items():
+                node = volumes.load_scalar(self.scene, out / file, f'{name} CAM {label} {method}', inputVolume)
+                added.append(node)
+                note = display.style_cam(self.scene, node, options.colormap, options.threshold)
+                if options.color_legend:
+                    display.add_color_legend(node, f'CAM {label}')
+                cams[label] = node
+                notes += [note] if note and note not in notes else []
+            first = next(iter(cams.values()))
+            display.show_in_slice_views(self.scene, inputVolume, first, options.opacity)
+            if options.volume_rendering:
+                if self.volume_rendering_logic is None:
+                    notes.append('volume rendering is not available here; skipped')
+                else:
+                    display.show_volume_rendering(self.scene, first, self.volume_rendering_logic, options.threshold)
+        except Exception:
+            for node in added:
+                self.scene.RemoveNode(node)
+            raise
+        for label, stats in sidecar.get('classes', {}).items():
+            if stats.get('raw_max') == 0:
+                notes.append(f'{label}: no voxels were predicted as {label}, so its CAM is empty')
+        return CamResult(segmentation, cams, sidecar, notes)

@@ -1,0 +1,154 @@
+"""Volumes to files for the core, and the core's files back to nodes with the input's exact geometry.
+MRML only (works with the `slicer-core` wheel): storage nodes write and read, no slicer.util loaders that need the app."""
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import vtk
+
+import slicer
+
+# NIfTI stores geometry as float32: what comes back may differ from the input by rounding, never by more
+GEOMETRY_TOLERANCE_MM = 1e-3
+SEGMENT_COLORS = [(0.90, 0.30, 0.25), (0.25, 0.60, 0.95), (0.35, 0.80, 0.35), (0.95, 0.75, 0.20),
+                  (0.70, 0.40, 0.85), (0.20, 0.80, 0.80), (0.95, 0.50, 0.70), (0.60, 0.60, 0.30)]
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return _array(m)
+
+
+def write_volume(node, path: Path) -> None:
+    """The node's voxels with its own IJK-to-RAS (parent transforms are not applied, as for any Slicer export).
+    The node itself is not changed: a storage node of our own does the writing."""
+    if node.GetImageData() is None:
+        raise ValueError(f'volume {node.GetName()!r} has no voxels; load an image into it first')
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(True)
+    if not storage.WriteData(node) or not Path(path).is_file():
+        raise OSError(f'could not write {node.GetName()!r} to {path}; check free disk space and permissions')
+
+
+def write_case(folder: Path, channels, ending: str, case: str) -> list:
+    """One file per channel in nnU-Net naming (CASE_0000, CASE_0001, ...), in the order the model expects."""
+    files = [Path(folder) / f'{case}_{i:04d}{ending}' for i in range(len(channels))]
+    for node, path in zip(channels, files):
+        write_volume(node, path)
+    return files
+
+
+def _read_into(node, path: Path, reference) -> None:
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        raise OSError(f'could not read the core output {path}')
+    check_same_grid(node, reference, Path(path).name)
+    node.SetIJKToRASMatrix(_matrix(ijk_to_ras(reference)))  # the input's matrix exactly, not the file's float32
+    node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
+
+
+def check_same_grid(node, reference, what: str) -> None:
+    dims, ref_dims = node.GetImageData().GetDimensions(), reference.GetImageData().GetDimensions()
+    diff = np.abs(ijk_to_ras(node) - ijk_to_ras(reference)).max()
+    if dims != ref_dims or diff > GEOMETRY_TOLERANCE_MM:
+        raise ValueError(f'{what} is not on the input\'s voxel grid (size {dims} vs {ref_dims}, IJK-to-RAS off by '
+                         f'{diff:.3g}); report this with the log: the core must write in the input geometry')
+
+
+def load_scalar(scene, path: Path, name: str, reference):
+    node = scene.AddNewNodeByClass('vtkMRMLScalarVolumeNode', name)
+    try:
+        _read_into(node, path, reference)
+    except Exception:
+        scene.RemoveNode(node)
+        raise
+    return node
+
+
+def load_segmentation(scene, path: Path, name: str, reference, labels: Dict[str, object]):
+    """The label file as a segmentation node, one segment per label value present, named and coloured from
+    dataset.json's labels."""
+    labelmap = scene.AddNewNodeByClass('vtkMRMLLabelMapVolumeNode', name + ' labelmap')
+    segmentation = scene.AddNewNodeByClass('vtkMRMLSegmentationNode', name)
+    try:
+        _read_into(labelmap, path, reference)
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+        segmentation.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
+            raise ValueError(f'could not import {Path(path).name} as a segmentation')
+        names = {v: k for k, v in labels.items() if isinstance(v, int)}
+        seg = segmentation.GetSegmentation()
+        for i in range(seg.GetNumberOfSegments()):
+            segment = seg.GetNthSegment(i)
+            value = segment.GetLabelValue()
+            segment.SetName(names.get(value, f'label {value}'))
+            segment.SetColor(*SEGMENT_COLORS[(value - 1) % len(SEGMENT_COLORS)])
+    except Exception:
+        scene.RemoveNode(segmentation)
+        raise
+    finally:
+        scene.RemoveNode(labelmap)
+    return segmentation
+
+
+def write_target_mask(scene, reference, path: Path, segmentation=None, segment_id: Optional[str] = None,
+                      roi=None) -> None:
+    """A segment, or the voxels inside a markups ROI, as a 0/1 label file on the input's voxel grid."""
+    labelmap = scene.AddNewNodeByClass('vtkMRMLLabelMapVolumeNode', 'NNUNetCAM target mask')
+    try:
+        if segmentation is not None:
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(segment_id)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, labelmap,
+                                                                                          reference):
+                raise ValueError(f'could not export segment {segment_id!r} onto the input volume\'s grid')
+            mask = slicer.util.arrayFromVolume(labelmap) > 0
+        else:
+            mask = roi_mask(reference, roi)
+        if not mask.any():
+            raise ValueError('the target region does not overlap the input volume; move the segment or ROI onto it')
+        image = vtk.vtkImageData()
+        image.SetDimensions(reference.GetImageData().GetDimensions())
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        labelmap.SetAndObserveImageData(image)
+        labelmap.SetIJKToRASMatrix(_matrix(ijk_to_ras(reference)))
+        slicer.util.arrayFromVolume(labelmap)[:] = mask
+        write_volume(labelmap, path)
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def roi_mask(reference, roi) -> np.ndarray:
+    """Voxels of `reference` (K, J, I order) whose centres lie inside the ROI, both in world coordinates."""
+    dims = reference.GetImageData().GetDimensions()
+    to_world = ijk_to_ras(reference)
+    transform = reference.GetParentTransformNode()
+    if transform is not None:
+        m = vtk.vtkMatrix4x4()
+        if not transform.GetMatrixTransformToWorld(m):
+            raise ValueError('the input volume is under a non-linear transform; harden it before using an ROI')
+        to_world = _array(m) @ to_world
+    world_to_roi = np.linalg.inv(_array(roi.GetObjectToWorldMatrix()))
+    half = np.array(roi.GetSize()) / 2
+    j, i = np.mgrid[0:dims[1], 0:dims[0]]
+    out = np.zeros(dims[::-1], bool)
+    for k in range(dims[2]):  # a slice at a time: a whole-volume coordinate array would be large
+        ijk = np.stack([i.ravel(), j.ravel(), np.full(i.size, k), np.ones(i.size)])
+        p = (world_to_roi @ to_world @ ijk)[:3]
+        out[k] = (np.abs(p) <= half[:, None] + 1e-6).all(0).reshape(dims[1], dims[0])
+    return out
+
+
+def _array(m) -> np.ndarray:
+    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+
+
+def _matrix(a: np.ndarray):
+    m = vtk.vtkMatrix4x4()
+    for i in range(4):
+        for j in range(4):
+            m.SetElement(i, j, a[i, j])
+    return m
