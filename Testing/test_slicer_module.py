@@ -1,0 +1,394 @@
+"""The Slicer module's logic (NNUNetCAMLib) against real MRML from the `slicer-core` wheel and the real core
+subprocess on the tiny model; plus static checks of the module's files (.ui names, CMake lists, catalog entry)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip('slicer')  # slicer-core: in requirements.txt, so CI has it
+import vtk  # noqa: E402  (slicer-core's own vtk)
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULE = ROOT / 'NNUNetCAM'
+sys.path.insert(0, str(MODULE))
+
+from NNUNetCAMLib import (DisplayOptions, NNUNetCAMLogic, PythonEnvironment, install_requirements,  # noqa: E402
+                          layer_choices, missing_requirements)
+from NNUNetCAMLib import display, volumes  # noqa: E402
+from NNUNetCAMLib.logic import STAGES, stdout_json  # noqa: E402
+
+sys.path.insert(0, str(ROOT / 'scripts'))
+from slicer_screenshot import render_slice  # noqa: E402
+
+STAGE_TILES = STAGES['tiles'][0]  # where the sliding window starts on the progress bar
+
+
+@pytest.fixture(scope='session', autouse=True)
+def segmentation_converters():
+    """What Slicer's Segmentations module registers at startup."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
+                 slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
+        factory.RegisterConverterRule(rule())
+
+
+@pytest.fixture
+def scene():
+    """A scene as the app has it: default color nodes and three slice views."""
+    s = slicer.vtkMRMLScene()
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLScene(s)
+    for view in ('Red', 'Yellow', 'Green'):
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        composite.SetLayoutName(view)
+        s.AddNode(composite)
+    s.colors_logic = colors  # keep it alive with the scene
+    return s
+
+
+def load_volume(scene, path, name='input'):
+    node = scene.AddNewNodeByClass('vtkMRMLScalarVolumeNode', name)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    return node
+
+
+def volume_from_array(scene, arr, ijk_to_ras, name, label=False):
+    node = scene.AddNewNodeByClass('vtkMRMLLabelMapVolumeNode' if label else 'vtkMRMLScalarVolumeNode', name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(arr.shape[::-1])
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR if label else vtk.VTK_FLOAT, 1)
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(volumes._matrix(ijk_to_ras))
+    slicer.util.arrayFromVolume(node)[:] = arr
+    return node
+
+
+def node_ids(scene):
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def oblique_ijk_to_ras():
+    """Not the identity: anisotropic spacing, a rotation about two axes, an offset."""
+    a, b = np.deg2rad(20), np.deg2rad(-12)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    m = np.eye(4)
+    m[:3, :3] = rz @ rx @ np.diag([0.95, 0.95, 2.1])
+    m[:3, 3] = (-12.5, 30.25, 7.0)
+    return m
+
+
+@pytest.fixture
+def input_volume(scene, sample_case):
+    """The sample scan with a non-identity IJK-to-RAS, under a parent transform (as after registration)."""
+    node = load_volume(scene, sample_case, 'Patient CT')
+    node.SetIJKToRASMatrix(volumes._matrix(oblique_ijk_to_ras()))
+    transform = scene.AddNewNodeByClass('vtkMRMLLinearTransformNode', 'registration')
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    return node
+
+
+def test_run_loads_cam_and_segmentation_on_the_input_grid(scene, input_volume, model3d, tmp_path):
+    before = {'matrix': volumes.ijk_to_ras(input_volume), 'voxels': slicer.util.arrayFromVolume(input_volume).copy(),
+              'storage': input_volume.GetStorageNodeID(), 'nodes': node_ids(scene)}
+    temp_root = tmp_path / 'tmp'
+    temp_root.mkdir()
+    vr = slicer.vtkSlicerVolumeRenderingLogic()
+    vr.SetMRMLScene(scene)
+    logic = NNUNetCAMLogic(scene, temp_root=str(temp_root), volume_rendering_logic=vr)
+    progress = []
+    result = logic.run(input_volume, model3d, targetClass=['lesion', 'organ'], layers=['last_decoder'], folds=[0],
+                       device='cpu', tta=False, outputFolder=str(tmp_path / 'kept'),
+                       displayOptions=DisplayOptions('Rainbow', threshold=0.3, opacity=0.7, volume_rendering=True),
+                       onProgress=lambda f, text: progress.append((f, text)))
+
+    # nodes, named from dataset.json and the input
+    assert set(result.cams) == {'lesion', 'organ'}
+    cam = result.cams['lesion']
+    assert cam.GetName() == 'Patient CT CAM lesion gradcam'
+    seg = result.segmentation.GetSegmentation()
+    assert sorted(seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())) == ['lesion', 'organ']
+    # geometry: exactly the input's IJK-to-RAS and parent transform
+    for node in result.cams.values():
+        assert np.abs(volumes.ijk_to_ras(node) - volumes.ijk_to_ras(input_volume)).max() < 1e-4
+        assert node.GetTransformNodeID() == input_volume.GetTransformNodeID()
+        assert node.GetImageData().GetDimensions() == input_volume.GetImageData().GetDimensions()
+    assert result.segmentation.GetTransformNodeID() == input_volume.GetTransformNodeID()
+    # voxel values: those of the core's files
+    sidecar = json.loads((tmp_path / 'kept' / 'Patient_CT_cam.json').read_text())
+    for label, node in result.cams.items():
+        on_disk = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'kept' / sidecar['cams'][label])))
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), on_disk)
+        assert on_disk.max() == pytest.approx(1.0)
+    seg_on_disk = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'kept' / sidecar['segmentation'])))
+    lesion_id = next(seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())
+                     if seg.GetNthSegment(i).GetName() == 'lesion')
+    segmentation_logic = slicer.vtkSlicerSegmentationsModuleLogic
+    labelmap = scene.AddNewNodeByClass('vtkMRMLLabelMapVolumeNode')
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(lesion_id)
+    assert segmentation_logic.ExportSegmentsToLabelmapNode(result.segmentation, ids, labelmap, input_volume)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap) > 0, seg_on_disk == 1)
+    scene.RemoveNode(labelmap)
+    # display: the chosen colormap, window [0, 1], threshold; overlay in every slice view; legend; 3D rendering
+    d = cam.GetDisplayNode()
+    assert d.GetColorNodeID() == display.COLORMAPS['Rainbow']
+    assert (d.GetWindow(), d.GetLevel()) == pytest.approx((1.0, 0.5))
+    assert d.GetApplyThreshold() and d.GetLowerThreshold() == pytest.approx(0.3)
+    for i in range(scene.GetNumberOfNodesByClass('vtkMRMLSliceCompositeNode')):
+        composite = scene.GetNthNodeByClass(i, 'vtkMRMLSliceCompositeNode')
+        assert composite.GetBackgroundVolumeID() == input_volume.GetID()
+        assert composite.GetForegroundVolumeID() == cam.GetID()
+        assert composite.GetForegroundOpacity() == pytest.approx(0.7)
+    assert slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(cam) is not None
+    assert vr.GetFirstVolumeRenderingDisplayNode(cam).GetVisibility()
+    # as Slicer's slice logic blends it: colour over the lesion, plain grey where the CAM is under the threshold
+    values = slicer.util.arrayFromVolume(cam)
+    k = int(np.argmax(values.reshape(values.shape[0], -1).max(1)))
+    centre = volumes.ijk_to_ras(input_volume) @ np.array([*(np.array(values.shape[:0:-1]) / 2), k, 1])
+    rgb = render_slice(scene, input_volume, cam, centre[:3])[..., :3].astype(int)
+    coloured = np.abs(rgb[..., 0] - rgb[..., 2]) > 10
+    assert 0.001 < coloured.mean() < 0.2, coloured.mean()
+    # progress went forward to the end; the input is untouched; the temporary folder is gone
+    fractions = [f for f, _ in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any('tile' in text for _, text in progress)
+    np.testing.assert_array_equal(volumes.ijk_to_ras(input_volume), before['matrix'])
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(input_volume), before['voxels'])
+    assert input_volume.GetStorageNodeID() == before['storage']
+    assert list(temp_root.iterdir()) == []
+    added = [scene.GetNodeByID(i) for i in node_ids(scene) - before['nodes']]
+    assert {n.GetID() for n in added if n.IsA('vtkMRMLVolumeNode')} == {n.GetID() for n in result.cams.values()}
+
+
+def test_cancel_mid_run_kills_the_process_tree_and_adds_nothing(scene, input_volume, model3d, tmp_path):
+    temp_root = tmp_path / 'tmp'
+    temp_root.mkdir()
+    logic = NNUNetCAMLogic(scene, temp_root=str(temp_root))
+    nodes = node_ids(scene)
+    run = logic.run(input_volume, model3d, targetClass='lesion', folds=[0, 1], device='cpu', wait=False)
+    with pytest.raises(RuntimeError, match='already going'):
+        logic.run(input_volume, model3d, wait=False)
+    deadline = time.monotonic() + 120
+    while run.poll() and run.fraction <= STAGE_TILES and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run.running and run.fraction > STAGE_TILES, run.log[-5:]  # cancelled while tiles are computed
+    pid = run.process.pid
+    t0 = time.monotonic()
+    run.cancel()
+    assert time.monotonic() - t0 < 2.0
+    assert run.state == 'cancelled' and not run.poll()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # no process of its group is left
+    assert list(temp_root.iterdir()) == []
+    assert node_ids(scene) == nodes
+
+
+def test_bad_model_folder_raises_the_cores_message(scene, input_volume, tmp_path):
+    missing = tmp_path / 'no_such_model'
+    cli = subprocess.run([sys.executable, '-m', 'nnunetv2_cam_core', '-i', str(tmp_path), '-o', str(tmp_path / 'o'),
+                          '-m', str(missing)], capture_output=True, text=True)
+    core_message = cli.stderr.strip().splitlines()[-1][len('error: '):]
+    nodes = node_ids(scene)
+    with pytest.raises(Exception) as e:
+        NNUNetCAMLogic(scene, temp_root=str(tmp_path)).run(input_volume, missing)
+    assert str(e.value) == core_message
+    assert node_ids(scene) == nodes
+
+
+def test_core_failure_reports_its_one_line_message_and_leaves_the_scene(scene, input_volume, model3d, tmp_path):
+    broken = tmp_path / model3d.name
+    shutil.copytree(model3d, broken)
+    (broken / 'fold_0' / 'checkpoint_final.pth').write_bytes(b'not a checkpoint')
+    temp_root = tmp_path / 'tmp'
+    temp_root.mkdir()
+    nodes = node_ids(scene)
+    errors = []
+    logic = NNUNetCAMLogic(scene, temp_root=str(temp_root))
+    with pytest.raises(RuntimeError) as e:
+        logic.run(input_volume, broken, folds=[0], device='cpu', onError=errors.append)
+    assert str(e.value).startswith(f'could not load the model in {broken}')
+    assert '\n' not in str(e.value) and errors == [str(e.value)]
+    assert node_ids(scene) == nodes
+    assert list(temp_root.iterdir()) == []
+
+
+def test_channels_are_written_in_the_models_order(scene, tmp_path, model3d):
+    m = oblique_ijk_to_ras()
+    rng = np.random.default_rng(0)
+    t1, t2 = (volume_from_array(scene, rng.normal(size=(6, 7, 8)).astype(np.float32), m, n) for n in ('T1', 'T2'))
+    files = volumes.write_case(tmp_path, [t1, t2], '.nii.gz', 'case')
+    assert [f.name for f in files] == ['case_0000.nii.gz', 'case_0001.nii.gz']
+    for node, f in zip((t1, t2), files):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(f))),
+                                      slicer.util.arrayFromVolume(node))
+    # a two-channel model asks for a volume per channel, by name
+    two = tmp_path / model3d.name
+    shutil.copytree(model3d, two)
+    dataset = json.loads((two / 'dataset.json').read_text())
+    dataset['channel_names'] = {'0': 'T1', '1': 'T2'}
+    (two / 'dataset.json').write_text(json.dumps(dataset))
+    with pytest.raises(ValueError, match='select a volume for T2'):
+        NNUNetCAMLogic(scene, temp_root=str(tmp_path)).run(t1, two)
+
+
+def test_target_masks_from_a_segment_and_an_roi(scene, tmp_path):
+    m = oblique_ijk_to_ras()
+    reference = volume_from_array(scene, np.zeros((10, 12, 14), np.float32), m, 'ref')
+    box = np.zeros((10, 12, 14), np.uint8)
+    box[2:5, 3:8, 4:10] = 1
+    labelmap = volume_from_array(scene, box, m, 'box', label=True)
+    segmentation = scene.AddNewNodeByClass('vtkMRMLSegmentationNode')
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    volumes.write_target_mask(scene, reference, tmp_path / 'seg.nii.gz', segmentation,
+                              segmentation.GetSegmentation().GetNthSegmentID(0))
+    mask = sitk.ReadImage(str(tmp_path / 'seg.nii.gz'))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), box)
+    # an ROI around the voxel centres of the same box (in RAS, through the oblique matrix)
+    centre_ijk = np.array([(4 + 9) / 2, (3 + 7) / 2, (2 + 4) / 2, 1])
+    roi = scene.AddNewNodeByClass('vtkMRMLMarkupsROINode')
+    roi.SetCenterWorld(*(m @ centre_ijk)[:3])
+    axes = m[:3, :3] / np.linalg.norm(m[:3, :3], axis=0)
+    roi_to_world = vtk.vtkMatrix4x4()
+    for i in range(3):
+        for j in range(3):
+            roi_to_world.SetElement(i, j, axes[i, j])
+    roi.SetAndObserveObjectToNodeMatrix(roi_to_world)
+    roi.SetCenterWorld(*(m @ centre_ijk)[:3])
+    roi.SetSize(*(np.array([6, 5, 3]) * np.linalg.norm(m[:3, :3], axis=0)))
+    np.testing.assert_array_equal(volumes.roi_mask(reference, roi), box > 0)
+    nodes = node_ids(scene)
+    far = scene.AddNewNodeByClass('vtkMRMLMarkupsROINode')
+    far.SetCenter(1000, 1000, 1000)
+    far.SetSize(1, 1, 1)
+    with pytest.raises(ValueError, match='does not overlap'):
+        volumes.write_target_mask(scene, reference, tmp_path / 'far.nii.gz', roi=far)
+    assert node_ids(scene) == nodes | {far.GetID()}
+
+
+def test_layers_and_methods_from_the_core(scene, model3d):
+    logic = NNUNetCAMLogic(scene)
+    methods = logic.listMethods()
+    assert 'gradcam' in methods and 'hirescam' in methods
+    choices = layer_choices(logic.listLayers(model3d))
+    assert choices[0][0] == 'encoder.stages.3' and 'bottleneck' in choices[0][1]
+    decoder = dict(choices)['decoder.stages.2']
+    assert 'decoder stage 2' in decoder and 'full resolution' in decoder
+    assert '1/4 resolution' in dict(choices)['decoder.stages.0']
+    with pytest.raises(RuntimeError, match='does not exist'):
+        logic.listLayers('/no/such/model')
+
+
+def test_python_environments_are_checked(tmp_path):
+    ok = PythonEnvironment(sys.executable).check()
+    assert ok['ok'] and ok['versions']['nnunetv2'] and 'cpu' in ok['devices'], ok
+    assert ok['message'].startswith(sys.executable)
+    bare = tmp_path / 'bare'
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(bare)], check=True)
+    no_torch = PythonEnvironment(str(bare / 'bin' / 'python'), base_env=dict(os.environ)).check()
+    assert not no_torch['ok'] and 'is not installed in' in no_torch['message'], no_torch
+    gone = PythonEnvironment(str(tmp_path / 'nope' / 'python')).check()
+    assert not gone['ok'] and 'does not exist' in gone['message']
+
+
+def test_requirements_install_never_replaces_what_slicer_ships(tmp_path):
+    reqs = tmp_path / 'requirements.txt'
+    reqs.write_text('# comment\nnumpy>=1.0\nnnunetv2>=2.5\nnot-a-real-package-xyz>=1.0\ntorch<1.0\n'
+                    'pywin32>=1 ; sys_platform == "win32"\n')
+    missing = missing_requirements(reqs)
+    assert missing == ['not-a-real-package-xyz>=1.0', 'torch<1.0']
+    calls, torch_calls = [], []
+
+    def pip(args):
+        constraints = Path(args[args.index('-c') + 1]).read_text().split()
+        calls.append((args[2:], constraints))
+    install_requirements(missing, pip, install_torch=torch_calls.append, log=lambda s: None)
+    assert torch_calls == [['torch<1.0']]
+    (packages, constraints), = calls
+    assert packages == ['not-a-real-package-xyz>=1.0']
+    from importlib.metadata import version
+    assert f'numpy=={version("numpy")}' in constraints and f'SimpleITK=={version("SimpleITK")}' in constraints
+    assert f'torch=={version("torch")}' in constraints
+    with pytest.raises(RuntimeError, match='Slicer ships'):
+        install_requirements(['numpy<1'], pip, log=lambda s: None)
+    assert missing_requirements(MODULE / 'Resources' / 'requirements.txt') == []  # this venv has them all
+
+
+def test_stdout_json_reports_the_core_error():
+    events = [{'event': 'log', 'stream': 'stderr', 'message': 'noise'},
+              {'event': 'error', 'message': 'model folder x does not exist; pass the folder ...'}]
+    with pytest.raises(RuntimeError, match='^model folder x does not exist'):
+        stdout_json(2, events)
+
+
+def test_colormap_fallback_and_unknown(scene):
+    assert display.color_node_id(scene, 'Rainbow') == (display.COLORMAPS['Rainbow'], '')
+    node_id, note = display.color_node_id(scene, 'Inferno')  # a file-based table the bare scene lacks
+    assert node_id == display.COLORMAPS['Rainbow'] and 'Inferno' in note
+    with pytest.raises(ValueError, match='unknown colormap'):
+        display.color_node_id(scene, 'Jet')
+
+
+# --- static checks of the module's files ---
+def test_every_widget_the_module_uses_is_in_the_ui_file():
+    import xml.etree.ElementTree as ET
+    used = set(re.findall(r'self\.ui\.(\w+)', (MODULE / 'NNUNetCAM.py').read_text()))
+    ui = ET.parse(MODULE / 'Resources' / 'UI' / 'NNUNetCAM.ui').getroot()
+    declared = [e.get('name') for e in ui.iter() if e.tag in ('widget', 'layout')]
+    assert len(declared) == len(set(declared)), 'duplicate names in NNUNetCAM.ui'
+    assert used and not used - set(declared), f'not in NNUNetCAM.ui: {sorted(used - set(declared))}'
+    custom = {e.findtext('class') for e in ui.iter('customwidget')}
+    assert {e.get('class') for e in ui.iter('widget') if not e.get('class').startswith('Q')} <= custom
+
+
+def test_lib_imports_without_qt_ctk_or_the_app(model3d):
+    code = ('import sys, importlib.abc\n'
+            'class Block(importlib.abc.MetaPathFinder):\n'
+            '    def find_spec(self, name, path, target=None):\n'
+            '        if name.split(".")[0] in ("qt", "ctk", "PythonQt", "slicer.app"):\n'
+            '            raise ImportError("blocked: " + name)\n'
+            'sys.meta_path.insert(0, Block())\n'
+            'import NNUNetCAMLib, NNUNetCAMLib.logic, NNUNetCAMLib.volumes, NNUNetCAMLib.display, slicer\n'
+            'assert not hasattr(slicer, "app") and "qt" not in sys.modules and "torch" not in sys.modules\n'
+            'info = NNUNetCAMLib.model_info(sys.argv[1])\n'
+            'assert "torch" not in sys.modules, "model_info must not import torch"\n'
+            'print(info["configuration"])\n')
+    env = {**os.environ, 'PYTHONPATH': str(MODULE)}
+    p = subprocess.run([sys.executable, '-c', code, str(model3d)], env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == '3d_fullres', p.stderr[-2000:]
+
+
+def test_cmake_lists_every_script_and_resource():
+    module_cmake = (MODULE / 'CMakeLists.txt').read_text().replace('${MODULE_NAME}', 'NNUNetCAM')
+    scripts = {p.relative_to(MODULE).as_posix() for p in MODULE.rglob('*.py') if '__pycache__' not in p.parts}
+    core = {p.relative_to(ROOT).as_posix() for p in (ROOT / 'nnunetv2_cam_core').glob('*.py')}
+    listed = set(re.findall(r'^\s+(\S+\.(?:py|png|ui|txt))\s*$', module_cmake, re.M))
+    assert scripts | core <= listed, f'not listed: {sorted((scripts | core) - listed)}'
+    for resource in (r for r in listed if not r.endswith('.py')):
+        assert (MODULE / resource).is_file(), resource
+    assert 'WITH_GENERIC_TESTS' in module_cmake and 'slicerMacroBuildScriptedModule' in module_cmake
+    top = (ROOT / 'CMakeLists.txt').read_text()
+    for key in ('EXTENSION_HOMEPAGE', 'EXTENSION_CONTRIBUTORS', 'EXTENSION_DESCRIPTION', 'EXTENSION_ICONURL',
+                'EXTENSION_SCREENSHOTURLS', 'EXTENSION_DEPENDS'):
+        assert re.search(rf'set\({key} "[^"]+"\)', top), key
+    assert 'add_subdirectory(NNUNetCAM)' in top
+    for url in re.findall(r'main/(Resources/\S+\.png)', top):
+        assert (ROOT / url).is_file(), url
+    entry = json.loads((ROOT / 'ExtensionsIndex' / 'NNUNetCAM.json').read_text())
+    assert re.match(r'https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/'
+                    r'slicer-extension-catalog-entry-schema-v1\.0\.\d\.json#', entry['$schema'])
+    assert {'category', 'scm_url'} <= set(entry) and set(entry) <= {
+        '$schema', 'build_dependencies', 'build_subdirectory', 'category', 'enabled', 'scm_revision', 'scm_type',
+        'scm_url', 'tier'}
+    assert entry['build_dependencies'] == re.search(r'set\(EXTENSION_DEPENDS "([^"]+)"\)', top).group(1).split()
+    assert 'import imp\n' not in (MODULE / 'NNUNetCAM.py').read_text()
