@@ -126,7 +126,9 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- parameter node ---
     def initializeParameterNode(self):
-        node = NNUNetCAMParameterNode(ScriptedLoadableModuleLogic().getParameterNode())
+        holder = ScriptedLoadableModuleLogic()
+        holder.moduleName = 'NNUNetCAM'  # the singleton parameter node is named after the module
+        node = NNUNetCAMParameterNode(holder.getParameterNode())
         if not node.inputVolume:
             node.inputVolume = slicer.mrmlScene.GetFirstNodeByClass('vtkMRMLScalarVolumeNode')
         self.setParameterNode(node)
@@ -166,6 +168,13 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateApply()
             return
         info = self._info
+        if len(info['channels']) > 1 + len(self._channelWidgets()):
+            self._info = None
+            self.ui.modelInfoLabel.text = (f'This model takes {len(info["channels"])} channels; the panel offers up to '
+                                           f'{1 + len(self._channelWidgets())}. Use the scripting API '
+                                           f'(channelVolumes=...).')
+            self.updateApply()
+            return
         if self._parameterNode:
             self._parameterNode.modelFolder = info['folder']
         self.ui.modelInfoLabel.text = (
@@ -187,7 +196,9 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             box.connect('toggled(bool)', lambda checked: self.updateApply())
             self.ui.foldsLayout.addWidget(box)
             self._foldBoxes.append(box)
+        self.ui.targetLayerComboBox.blockSignals(True)  # keep the saved layer until the list arrives
         self.ui.targetLayerComboBox.addItem('bottleneck (listing layers...)', 'bottleneck')
+        self.ui.targetLayerComboBox.blockSignals(False)
         self.logic.callCore(['--list-layers', '-m', info['folder'], '-device', 'cpu', '--progress', 'json'],
                             lambda rc, events: self.onLayersListed(folder, rc, events))
         if self.ui.methodComboBox.count == 1:

@@ -16,8 +16,9 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install -q -r "$here/requirements.txt" >&2
   touch "$venv/.complete"
 fi
-# the checkout may move (CI clones elsewhere): (re)point the editable install at this one
-if ! "$venv/bin/python" -c "import nnunetv2_cam_core, sys; sys.exit(0 if nnunetv2_cam_core.__file__.startswith('$here/') else 1)" 2>/dev/null; then
+# the checkout may move (CI clones elsewhere): (re)point the editable install at this one. Checked from / so
+# that the checkout itself (the current directory) does not satisfy the import.
+if ! (cd / && "$venv/bin/python" -c "import nnunetv2_cam_core, sys; sys.exit(0 if nnunetv2_cam_core.__file__.startswith('$here/') else 1)" 2>/dev/null); then
   "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$here" >&2
 fi
 echo "$venv"
