@@ -22,7 +22,7 @@ class CoreProcess:
             self.command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, encoding='utf-8', errors='replace', bufsize=1,
             start_new_session=posix,  # its own process group: cancel reaches nnU-Net's workers too
-            creationflags=0 if posix else subprocess.CREATE_NEW_PROCESS_GROUP)
+            creationflags=0 if posix else subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW)
         self._readers = [threading.Thread(target=self._read, args=(s, j), daemon=True)
                          for s, j in ((self._process.stdout, True), (self._process.stderr, False))]
         self.cancelled = False
