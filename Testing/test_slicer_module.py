@@ -159,6 +159,15 @@ def test_run_loads_cam_and_segmentation_on_the_input_grid(scene, input_volume, m
     rgb = render_slice(scene, input_volume, cam, centre[:3])[..., :3].astype(int)
     coloured = np.abs(rgb[..., 0] - rgb[..., 2]) > 10
     assert 0.001 < coloured.mean() < 0.2, coloured.mean()
+    # the nodes save like any Slicer node: default storage nodes write them, and they read back the same
+    for node in result.nodes():
+        assert node.AddDefaultStorageNode()
+        storage = node.GetStorageNode()
+        storage.SetFileName(str(tmp_path / f'saved_{node.GetID()}.{storage.GetDefaultWriteFileExtension().lstrip(".")}'))
+        assert storage.WriteData(node), node.GetName()
+    saved = load_volume(scene, cam.GetStorageNode().GetFileName(), 'reloaded')
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(saved), slicer.util.arrayFromVolume(cam))
+    scene.RemoveNode(saved)
     # progress went forward to the end; the input is untouched; the temporary folder is gone
     fractions = [f for f, _ in progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
