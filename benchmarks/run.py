@@ -17,20 +17,47 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
+from typing import Optional
 
 BIN = Path(sys.executable).parent
 OLD_TOOL = 'nnunetv2-cam==0.1.6.1'
 
 
+def gpu_memory_used_mb() -> Optional[float]:
+    try:
+        out = subprocess.run(['nvidia-smi', '--query-gpu=memory.used', '--format=csv,noheader,nounits', '-i', '0'],
+                             capture_output=True, text=True, timeout=5).stdout
+        return float(out.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
 def timed(cmd, env=None) -> dict:
-    """Whole-process wall time and peak RSS via GNU time."""
+    """Whole-process wall time and peak RSS via GNU time; on a GPU machine also the peak GPU memory the process
+    added (nvidia-smi sampled every 0.2 s, so any tool is measured the same way)."""
+    base = gpu_memory_used_mb()
+    peak, done = [0.0], threading.Event()
+
+    def sample():
+        while not done.wait(0.2):
+            used = gpu_memory_used_mb()
+            peak[0] = max(peak[0], (used or 0.0) - base)
+    sampler = threading.Thread(target=sample, daemon=True) if base is not None else None
+    if sampler:
+        sampler.start()
     with tempfile.NamedTemporaryFile('r', suffix='.time') as t:
         p = subprocess.run(['/usr/bin/time', '-f', '%e %M', '-o', t.name, *map(str, cmd)], env=env,
                            capture_output=True, text=True)
         wall, rss_kb = open(t.name).read().split()[-2:]
-    return {'wall_s': float(wall), 'peak_rss_mb': round(int(rss_kb) / 1024, 1), 'rc': p.returncode,
-            'error': None if p.returncode == 0 else (p.stderr.strip().splitlines() or ['?'])[-1][:300]}
+    done.set()
+    out = {'wall_s': float(wall), 'peak_rss_mb': round(int(rss_kb) / 1024, 1), 'rc': p.returncode,
+           'error': None if p.returncode == 0 else (p.stderr.strip().splitlines() or ['?'])[-1][:300]}
+    if sampler:
+        sampler.join()
+        out['peak_gpu_mb'] = round(peak[0], 1)
+    return out
 
 
 def old_tool_python(cache: Path):
@@ -143,20 +170,24 @@ def scaling(model, device, work, quick) -> list:
     return points
 
 
+def cell(run: dict) -> str:
+    gpu = f', {run["peak_gpu_mb"]}' if 'peak_gpu_mb' in run else ''
+    return f'{run["wall_s"]} ({run["peak_rss_mb"]}{gpu})'
+
+
 def write_report(rows, points, out: Path, machine: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / 'results.json').write_text(json.dumps({'machine': machine, 'rows': rows, 'scaling': points}, indent=2))
     lines = [f'Machine: {machine}', '',
-             '| model | layer | method | TTA | folds | classes | nnUNetv2_predict s (RSS MB) | NNUNetCAM s (RSS MB) '
-             '| ratio | tiles/s | nnunetv2-cam 0.1.6.1 s (RSS MB) | speed-up vs it |',
+             '| model | layer | method | TTA | folds | classes | nnUNetv2_predict s (RSS MB[, GPU MB]) | NNUNetCAM s '
+             '(RSS MB[, GPU MB]) | ratio | tiles/s | nnunetv2-cam 0.1.6.1 s (RSS MB[, GPU MB]) | speed-up vs it |',
              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for r in rows:
         p, o, old = r['predict'], r['ours'], r.get('old_tool', {})
-        old_cell = f'{old["wall_s"]} ({old["peak_rss_mb"]})' if old.get('rc') == 0 else \
-            (f'failed: {old["error"]}' if old.get('error') else '-')
-        ours_cell = f'{o["wall_s"]} ({o["peak_rss_mb"]})' if o['rc'] == 0 else f'failed: {o["error"]}'
+        old_cell = cell(old) if old.get('rc') == 0 else (f'failed: {old["error"]}' if old.get('error') else '-')
+        ours_cell = cell(o) if o['rc'] == 0 else f'failed: {o["error"]}'
         lines.append(f'| {r["model"]} | {r["layer"]} | {r["method"]} | {"on" if r["tta"] else "off"} | '
-                     f'{" ".join(r["folds"])} | {len(r["classes"])} | {p["wall_s"]} ({p["peak_rss_mb"]}) | '
+                     f'{" ".join(r["folds"])} | {len(r["classes"])} | {cell(p)} | '
                      f'{ours_cell} | {r["ratio_vs_predict"]} | {o.get("tiles_per_s", "-")} | {old_cell} | '
                      f'{r.get("speedup_vs_old_tool", "-")} |')
     lines += ['', 'Whole processes, timed with GNU time; RSS is the largest single process. Ratio: NNUNetCAM wall '
