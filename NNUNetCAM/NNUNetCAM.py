@@ -5,10 +5,11 @@ NNUNetCAMLib, which has no Qt and is tested outside Slicer; the computation runs
 subprocess."""
 import subprocess
 import time
+from typing import Annotated
 
 import qt
 import slicer
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -47,13 +48,13 @@ class NNUNetCAMParameterNode:
     targetClass: str = ''
     targetLayer: str = 'bottleneck'
     method: str = 'gradcam'
-    device: str = 'auto'
+    device: Annotated[str, Choice(['auto', 'cuda', 'cpu'])] = 'auto'
     tta: bool = True
     targetRoi: slicer.vtkMRMLMarkupsROINode
     camVolume: slicer.vtkMRMLScalarVolumeNode
-    colormap: str = DEFAULT_COLORMAP
-    opacity: float = 0.5
-    threshold: float = 0.2
+    colormap: Annotated[str, Choice(list(COLORMAPS))] = DEFAULT_COLORMAP
+    opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.2
     colorLegend: bool = True
     volumeRendering: bool = False
 
@@ -78,7 +79,6 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = NNUNetCAMLogic(scheduler=qt.QTimer.singleShot, temp_root=slicer.app.temporaryPath,
                                     volume_rendering_logic=slicer.modules.volumerendering.logic())
         self.ui.progressBar.hide()
-        self.ui.colormapComboBox.addItems(list(COLORMAPS))
         self.ui.methodComboBox.addItem('gradcam')
 
         self.ui.modelFolderPathLineEdit.connect('currentPathChanged(QString)', self.onModelFolderChanged)

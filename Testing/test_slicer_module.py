@@ -360,6 +360,31 @@ def test_every_widget_the_module_uses_is_in_the_ui_file():
     assert {e.get('class') for e in ui.iter('widget') if not e.get('class').startswith('Q')} <= custom
 
 
+def test_parameter_node_fields_suit_their_widgets():
+    """What Slicer's parameterNodeWrapper connectors demand: a QComboBox needs a Choice annotation, a
+    ctkSliderWidget a WithinRange, a node combo box a node type; every connected field exists."""
+    import ast
+    import xml.etree.ElementTree as ET
+    source = (MODULE / 'NNUNetCAM.py').read_text()
+    cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == 'NNUNetCAMParameterNode')
+    fields = {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
+    ui = ET.parse(MODULE / 'Resources' / 'UI' / 'NNUNetCAM.ui').getroot()
+    widget_class = {e.get('name'): e.get('class') for e in ui.iter('widget')}
+    connected = re.findall(r"'(\w+)': self\.ui\.(\w+)", source.split('node.connectGui(')[1].split('})')[0])
+    assert len(connected) >= 10
+    for field, widget in connected:
+        assert field in fields, field
+        kind, annotation = widget_class[widget], fields[field]
+        if kind == 'QComboBox':
+            assert 'Choice(' in annotation, (field, annotation)
+        elif kind == 'ctkSliderWidget':
+            assert annotation.startswith('Annotated[float') and 'WithinRange(' in annotation, (field, annotation)
+        elif kind == 'qMRMLNodeComboBox':
+            assert annotation.startswith('slicer.vtkMRML'), (field, annotation)
+        else:
+            assert (kind, annotation) in {('QCheckBox', 'bool')}, (field, kind, annotation)
+
+
 def test_lib_imports_without_qt_ctk_or_the_app(model3d):
     code = ('import sys, importlib.abc\n'
             'class Block(importlib.abc.MetaPathFinder):\n'
