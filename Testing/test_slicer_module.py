@@ -232,6 +232,27 @@ def test_core_failure_reports_its_one_line_message_and_leaves_the_scene(scene, i
     assert list(temp_root.iterdir()) == []
 
 
+def test_scheduled_calls_advance_by_themselves(scene, input_volume, model3d, tmp_path):
+    """The panel's mode: a scheduler (qt.QTimer.singleShot in Slicer, a plain queue here) polls the run and the
+    short core calls; nothing blocks and the callbacks fire."""
+    pending = []
+    logic = NNUNetCAMLogic(scene, temp_root=str(tmp_path), scheduler=lambda ms, fn: pending.append(fn))
+    answers, errors = [], []
+    logic.callCore(['--list-methods', '--progress', 'json'], lambda rc, events: answers.append(stdout_json(rc, events)))
+    broken = tmp_path / model3d.name
+    shutil.copytree(model3d, broken)
+    (broken / 'fold_0' / 'checkpoint_final.pth').write_bytes(b'not a checkpoint')
+    run = logic.run(input_volume, broken, folds=[0], device='cpu', wait=False, onError=errors.append,
+                    onFinished=lambda result: errors.append('finished?'))
+    assert run.running and not answers
+    deadline = time.monotonic() + 120
+    while pending and time.monotonic() < deadline:
+        pending.pop(0)()
+        time.sleep(0.02)
+    assert not pending and 'gradcam' in answers[0]
+    assert run.state == 'failed' and errors == [run.error] and 'could not load the model' in run.error
+
+
 def test_channels_are_written_in_the_models_order(scene, tmp_path, model3d):
     m = oblique_ijk_to_ras()
     rng = np.random.default_rng(0)
