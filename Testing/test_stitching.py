@@ -150,3 +150,20 @@ def test_classes_share_the_forward_pass(setup):
         alone = sliding_window_cam(pred, nets[:1], small, CamSpec(m, engine.layers, [t])).cams[0]
         assert torch.allclose(together[i], alone, rtol=1e-5, atol=1e-12)
     assert not torch.allclose(together[0], together[1]), 'maps must be class-specific'
+
+
+@pytest.mark.parametrize('method', ['gradcam', 'eigengradcam'])  # tile pooling; volume pooling
+def test_low_memory_gives_the_same_maps(model3d, setup, method):
+    """One forward graph at a time (the CUDA out-of-memory fallback, --low-memory) against all folds x mirrors of
+    a tile backpropagated together: the ensemble's gradient is a sum, so the maps agree; with TTA and two folds."""
+    _, engine, _, data = setup
+    pred = load_predictor(model3d, [0, 1], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=True)
+    nets = fold_networks(pred)
+    small = crop(data, (20, 48, 72))  # two tiles
+    spec = CamSpec(get_method(method), engine.layers, engine.targets)
+    joint = sliding_window_cam(pred, nets, small, spec)
+    spec.low_memory = True
+    low = sliding_window_cam(pred, nets, small, spec)
+    assert joint.n_tiles > 1 and joint.cams.abs().max() > 0
+    assert torch.equal(joint.logits, low.logits)
+    assert torch.allclose(joint.cams, low.cams, rtol=1e-4, atol=1e-5 * float(joint.cams.abs().max()))

@@ -43,7 +43,7 @@ class CamEngine:
 
     def __init__(self, predictor, target_layer=None, target_class=1, method: str = 'gradcam',
                  pooling: Optional[str] = None, target_region: str = 'predicted', pool_size: Optional[int] = None,
-                 pool_mode: str = 'max'):
+                 pool_mode: str = 'max', low_memory: bool = False):
         if pooling not in (None, 'volume', 'tile'):
             raise UsageError(f'--pooling must be volume or tile, not {pooling!r}')
         if target_region not in ('predicted', 'all'):
@@ -54,6 +54,7 @@ class CamEngine:
         self.networks = fold_networks(predictor)
         self.layers = resolve_layers(self.networks[0], _as_list(target_layer))
         self.pooling, self.region = pooling or self.method.default_pooling, target_region
+        self.low_memory = low_memory
 
     def preprocess(self, files: Sequence[str], target_mask: Optional[str] = None,
                    prev_stage: Optional[str] = None):
@@ -90,7 +91,7 @@ class CamEngine:
         """Preprocessed data and its properties -> segmentation and CAMs in the original geometry, in memory."""
         p = self.predictor
         t0 = time.perf_counter()
-        spec = CamSpec(self.method, self.layers, self.targets, self.pooling, self.region, mask)
+        spec = CamSpec(self.method, self.layers, self.targets, self.pooling, self.region, mask, self.low_memory)
         out = sliding_window_cam(p, self.networks, data, spec, on_tile)
         t1 = time.perf_counter()
         seg = segmentation_to_original(out.logits, properties, p)
@@ -213,6 +214,7 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
                        'layers': engine.layers, 'pooling': engine.pooling if engine.method.pooled else None,
                        'target_region': 'mask' if target_mask else engine.region, 'target_mask': target_mask,
                        'tta': bool(p.use_mirroring and p.allowed_mirroring_axes), 'step_size': p.tile_step_size,
+                       'low_memory': engine.low_memory,
                        'device': str(p.device), 'tiles': res.info['tiles'], 'timings_s': timings,
                        'segmentation': case + ending, 'cams': files_by_class, 'classes': res.info['classes'],
                        'versions': _versions()}

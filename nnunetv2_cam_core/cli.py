@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                '(default: %(default)s)')
     m.add_argument('--disable-tta', '--disable_tta', dest='disable_tta', action='store_true',
                    help='no mirroring test-time augmentation')
+    m.add_argument('--low-memory', action='store_true',
+                   help='keep one forward graph at a time instead of all folds x mirrors of a tile (one extra '
+                        'forward per tile; used automatically after a CUDA out-of-memory error)')
     c = p.add_argument_group('CAM')
     c.add_argument('--target-layer', nargs='+', action='extend', help='module name(s) from --list-layers, or the '
                    'shortcuts bottleneck / last_decoder; several are each normalised and averaged (default: '
@@ -128,7 +131,7 @@ def run(args, progress: Progress) -> int:
     progress.stage('load')
     folder, folds, configuration, predictor = _load(args)
     engine = CamEngine(predictor, args.target_layer, args.target_class, args.method, args.pooling,
-                       args.target_region, args.pool_size, args.pool_mode)
+                       args.target_region, args.pool_size, args.pool_mode, args.low_memory)
     run_info = {'model': str(folder), 'configuration': configuration, 'trainer': predictor.trainer_name, 'folds': list(folds), 'checkpoint': args.checkpoint}
     run_cases(engine, args.input, args.output, target_mask=args.target_mask,
               prev_stage_folder=args.prev_stage_predictions, save_raw=args.save_raw, save_numpy=args.save_numpy,

@@ -36,6 +36,7 @@ class CamSpec:
     pooling: Optional[str] = None     # 'tile' or 'volume' for pooled methods; None: the method's default
     region: str = 'predicted'         # 'predicted' or 'all'
     mask: Optional[torch.Tensor] = None  # bool, preprocessed space; replaces region
+    low_memory: bool = False          # one forward graph alive at a time (one extra forward per tile)
 
 
 @dataclass
@@ -65,14 +66,16 @@ def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: tor
         mask = pad_nd_image(spec.mask[None].to(torch.uint8), patch, 'constant', {'value': 0}, True, None)[0][0] > 0
     slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
     device = predictor.device
-    run = _SlidingWindowRun(predictor, networks, padded, mask, slicers, spec, on_tile)
+    run = _SlidingWindowRun(predictor, networks, padded, mask, slicers, spec, on_tile, spec.low_memory)
     with torch.autocast(device.type) if device.type == 'cuda' else contextlib.nullcontext():
         if device.type == 'cuda':
             try:
                 out = run(results_device=device)
             except torch.OutOfMemoryError:
-                # as nnU-Net: keep the network on the GPU, move the result arrays to the CPU
+                # as nnU-Net: keep the network on the GPU, move the result arrays to the CPU; and keep one
+                # forward graph alive at a time
                 empty_cache(device)
+                run.low_memory = True
                 out = run(results_device=torch.device('cpu'))
         else:
             out = run(results_device=device)
@@ -102,9 +105,9 @@ def upsample(feature_map: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 class _SlidingWindowRun:
-    def __init__(self, predictor, networks, padded, mask, slicers, spec: CamSpec, on_tile):
+    def __init__(self, predictor, networks, padded, mask, slicers, spec: CamSpec, on_tile, low_memory: bool):
         self.predictor, self.networks, self.padded, self.mask = predictor, networks, padded, mask
-        self.slicers, self.spec, self.on_tile = slicers, spec, on_tile
+        self.slicers, self.spec, self.on_tile, self.low_memory = slicers, spec, on_tile, low_memory
         self.mirrors = mirror_combinations(predictor)
         self.patch = [int(p) for p in predictor.configuration_manager.patch_size]
         self.volume_pooling = spec.method.pooled and (spec.pooling or spec.method.default_pooling) == 'volume'
@@ -154,39 +157,52 @@ class _SlidingWindowRun:
                 disagreement[i] = float(split.sum()) / max(1, int(final[i].sum()))
         return CamOutput(logits, cams, len(self.slicers), disagreement)
 
+    def _forwards(self, x, captures):
+        """Every fold x mirror forward of one tile: (outputs mirrored back, target-layer outputs per forward)."""
+        outs, acts = [], []
+        for net, cap in zip(self.networks, captures):
+            for dims in self.mirrors:
+                cap.outputs = {}
+                out = net(x.flip(dims) if dims else x)
+                outs.append(out.flip(dims) if dims else out)
+                missing = [n for n in self.spec.layers if n not in cap.outputs]
+                if missing:
+                    raise CamError(f'target layer {missing[0]} is not used in the forward pass at inference; '
+                                   f'pick another (--list-layers marks the unused ones)')
+                acts.append([cap.outputs[n] for n in self.spec.layers])
+        return outs, acts
+
     def _tile(self, k, x, captures, share, cams, sl, results_device):
         spec, method = self.spec, self.spec.method
-        n_f, n_m = len(self.networks), len(self.mirrors)
-        total, acts = 0, []
-        with torch.enable_grad():
-            for net, cap in zip(self.networks, captures):
-                for dims in self.mirrors:
-                    cap.outputs = {}
-                    out = net(x.flip(dims) if dims else x)
-                    total = total + (out.flip(dims) if dims else out)
-                    missing = [n for n in spec.layers if n not in cap.outputs]
-                    if missing:
-                        raise CamError(f'target layer {missing[0]} is not used in the forward pass at inference; '
-                                       f'pick another (--list-layers marks the unused ones)')
-                    acts.append([cap.outputs[n] for n in spec.layers])
-            tile_logits = total.float()[0] / (n_f * n_m)
-            tile_mask_src = tile_logits.detach()
-            region_mask = None if self.mask is None else self.mask[sl[1:]].to(tile_logits.device)
-            masks = target_masks(tile_mask_src, spec.targets, self.predictor.label_manager.has_regions,
-                                 spec.region, region_mask)
-            leaves = [a for per in acts for a in per]
-            grads = [None] * len(spec.targets)
-            if method.uses_gradients:
-                active = [i for i in range(len(spec.targets)) if masks[i].any()]
+        n = len(self.networks) * len(self.mirrors)
+        # all graphs of the tile stay alive until the ensemble gives the target mask; low_memory instead recomputes
+        # each forward with its graph after a gradient-free pass (one graph at a time, one extra forward)
+        keep_graphs = method.uses_gradients and not self.low_memory
+        with torch.enable_grad() if keep_graphs else torch.no_grad():
+            outs, acts = self._forwards(x, captures)
+        tile_logits = torch.stack(outs).sum(0).float()[0] / n
+        region_mask = None if self.mask is None else self.mask[sl[1:]].to(tile_logits.device)
+        masks = target_masks(tile_logits.detach(), spec.targets, self.predictor.label_manager.has_regions,
+                             spec.region, region_mask)
+        grads = [None] * len(spec.targets)
+        if method.uses_gradients:
+            active = [i for i in range(len(spec.targets)) if masks[i].any()]
+            upstreams = {}
+            for i in active:
+                upstreams[i] = torch.zeros_like(tile_logits)
+                upstreams[i][spec.targets[i].channel] = masks[i] * share if self.share_upstream else masks[i]
+            if keep_graphs:
+                leaves = [a for per in acts for a in per]
                 for j, i in enumerate(active):
-                    upstream = torch.zeros_like(tile_logits)
-                    upstream[spec.targets[i].channel] = masks[i] * share if self.share_upstream else masks[i]
-                    g = torch.autograd.grad(tile_logits, leaves, grad_outputs=upstream,
+                    g = torch.autograd.grad(tile_logits, leaves, grad_outputs=upstreams[i],
                                             retain_graph=j < len(active) - 1, allow_unused=True)
                     # undo the 1/(folds*mirrors) of the average: each forward's map is a full map of that network
-                    grads[i] = [torch.zeros_like(a) if gi is None else gi * (n_f * n_m) for gi, a in zip(g, leaves)]
+                    grads[i] = [torch.zeros_like(a) if gi is None else gi * n for gi, a in zip(g, leaves)]
+            elif active:
+                acts = self._backward_one_at_a_time(x, captures, active, upstreams, grads)
+        tile_logits = tile_logits.detach()
         for l in range(len(spec.layers)):
-            A = torch.cat([acts[j][l].detach() for j in range(n_f * n_m)])
+            A = torch.cat([acts[j][l].detach() for j in range(n)])
             if self.volume_pooling:
                 self._keep_activations(k, l, A)
             # a gradient-free map is class-agnostic: computed for the first target, copied to the others at the end
@@ -196,13 +212,33 @@ class _SlidingWindowRun:
                     if grads[i] is None and not self.volume_pooling:
                         continue  # target absent from this tile: zero contribution
                     G = torch.zeros_like(A) if grads[i] is None else \
-                        torch.cat([grads[i][j * len(spec.layers) + l] for j in range(n_f * n_m)])
+                        torch.cat([grads[i][j * len(spec.layers) + l] for j in range(n)])
                 if self.volume_pooling:
                     self.grad_store[(k, i, l)] = G
                     continue
                 raw = method.cam(A.float(), None if G is None else G.float(), tuple(range(2, A.ndim))).clamp(min=0)
                 cams[(i, l, *sl[1:])] += self._to_tile(raw, share).to(results_device)
-        return tile_logits.detach(), masks
+        return tile_logits, masks
+
+    def _backward_one_at_a_time(self, x, captures, active, upstreams, grads) -> list:
+        """Each forward again, with its graph, and its backward right away: same gradients as the joint backward
+        of the ensemble (it is a sum), one graph alive at a time. Returns the recomputed target-layer outputs."""
+        acts = []
+        for i in active:
+            grads[i] = []
+        forwards = [(net, cap, dims) for net, cap in zip(self.networks, captures) for dims in self.mirrors]
+        for net, cap, dims in forwards:
+            with torch.enable_grad():
+                cap.outputs = {}
+                out = net(x.flip(dims) if dims else x)
+                out = (out.flip(dims) if dims else out).float()[0]
+                leaves = [cap.outputs[name] for name in self.spec.layers]
+                for j, i in enumerate(active):
+                    g = torch.autograd.grad(out, leaves, grad_outputs=upstreams[i], retain_graph=j < len(active) - 1,
+                                            allow_unused=True)
+                    grads[i] += [torch.zeros_like(a) if gi is None else gi for gi, a in zip(g, leaves)]
+            acts.append([a.detach() for a in leaves])
+        return acts
 
     def _to_tile(self, raw: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
         """(folds*mirrors, *feat) maps -> un-mirrored mean, upsampled to the tile on the device, times g / sum(g)."""
