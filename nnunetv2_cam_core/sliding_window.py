@@ -157,20 +157,20 @@ class _SlidingWindowRun:
                 disagreement[i] = float(split.sum()) / max(1, int(final[i].sum()))
         return CamOutput(logits, cams, len(self.slicers), disagreement)
 
+    def _forward(self, net, cap, dims, x):
+        """One forward of a tile: (output mirrored back, target-layer outputs)."""
+        cap.outputs = {}
+        out = net(x.flip(dims) if dims else x)
+        missing = [n for n in self.spec.layers if n not in cap.outputs]
+        if missing:
+            raise CamError(f'target layer {missing[0]} is not used in the forward pass at inference; '
+                           f'pick another (--list-layers marks the unused ones)')
+        return (out.flip(dims) if dims else out), [cap.outputs[n] for n in self.spec.layers]
+
     def _forwards(self, x, captures):
         """Every fold x mirror forward of one tile: (outputs mirrored back, target-layer outputs per forward)."""
-        outs, acts = [], []
-        for net, cap in zip(self.networks, captures):
-            for dims in self.mirrors:
-                cap.outputs = {}
-                out = net(x.flip(dims) if dims else x)
-                outs.append(out.flip(dims) if dims else out)
-                missing = [n for n in self.spec.layers if n not in cap.outputs]
-                if missing:
-                    raise CamError(f'target layer {missing[0]} is not used in the forward pass at inference; '
-                                   f'pick another (--list-layers marks the unused ones)')
-                acts.append([cap.outputs[n] for n in self.spec.layers])
-        return outs, acts
+        runs = [self._forward(net, cap, dims, x) for net, cap in zip(self.networks, captures) for dims in self.mirrors]
+        return [r[0] for r in runs], [r[1] for r in runs]
 
     def _tile(self, k, x, captures, share, cams, sl, results_device):
         spec, method = self.spec, self.spec.method
@@ -226,18 +226,16 @@ class _SlidingWindowRun:
         acts = []
         for i in active:
             grads[i] = []
-        forwards = [(net, cap, dims) for net, cap in zip(self.networks, captures) for dims in self.mirrors]
-        for net, cap, dims in forwards:
-            with torch.enable_grad():
-                cap.outputs = {}
-                out = net(x.flip(dims) if dims else x)
-                out = (out.flip(dims) if dims else out).float()[0]
-                leaves = [cap.outputs[name] for name in self.spec.layers]
-                for j, i in enumerate(active):
-                    g = torch.autograd.grad(out, leaves, grad_outputs=upstreams[i], retain_graph=j < len(active) - 1,
-                                            allow_unused=True)
-                    grads[i] += [torch.zeros_like(a) if gi is None else gi for gi, a in zip(g, leaves)]
-            acts.append([a.detach() for a in leaves])
+        for net, cap in zip(self.networks, captures):
+            for dims in self.mirrors:
+                with torch.enable_grad():
+                    out, leaves = self._forward(net, cap, dims, x)
+                    out = out.float()[0]
+                    for j, i in enumerate(active):
+                        g = torch.autograd.grad(out, leaves, grad_outputs=upstreams[i],
+                                                retain_graph=j < len(active) - 1, allow_unused=True)
+                        grads[i] += [torch.zeros_like(a) if gi is None else gi for gi, a in zip(g, leaves)]
+                acts.append([a.detach() for a in leaves])
         return acts
 
     def _to_tile(self, raw: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
