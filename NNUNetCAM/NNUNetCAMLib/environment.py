@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from .process import run_to_end
+from .process import run_to_end, stdout_of
 
 CORE_PACKAGE = 'nnunetv2_cam_core'
 # Slicer ships these; installing the core's requirements pins them so pip never replaces or downgrades them
@@ -73,9 +73,8 @@ class PythonEnvironment:
             return {'ok': False, 'message': f'cannot start {self.executable} ({e.strerror}); pick a python executable'}
 
     def parse_check(self, rc: Optional[int], events: List[dict]) -> dict:
-        stdout = '\n'.join(e['message'] for e in events if e.get('stream') == 'stdout')
         try:
-            info = json.loads(stdout)
+            info = json.loads(stdout_of(events))
         except ValueError:
             last = [e['message'] for e in events if e.get('event') in ('log', 'error')][-1:] or ['no output']
             return {'ok': False, 'message': f'{self.describe()} cannot run {CORE_PACKAGE} (exit {rc}): {last[0]}'}

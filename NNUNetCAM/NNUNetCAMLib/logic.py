@@ -20,7 +20,7 @@ import slicer
 
 from . import display, volumes
 from .environment import PythonEnvironment, ensure_core_importable
-from .process import CoreProcess, run_to_end
+from .process import CoreProcess, run_to_end, stdout_of
 
 WRITABLE_ENDINGS = ('.nii.gz', '.nii', '.nrrd', '.mha', '.mhd')
 # progress bar share of each core stage: (start, end)
@@ -79,12 +79,10 @@ def layer_choices(rows: List[dict]) -> List[tuple]:
 def stdout_json(rc: Optional[int], events: List[dict]):
     """The JSON a short core call printed, or RuntimeError with the core's one-line message."""
     if rc == 0:
-        for e in events:
-            if e.get('stream') == 'stdout':
-                try:
-                    return json.loads(e['message'])
-                except ValueError:
-                    pass
+        try:
+            return json.loads(stdout_of(events))
+        except ValueError:
+            pass
     errors = [e['message'] for e in events if e.get('event') == 'error']
     last = [e['message'] for e in events if e.get('event') == 'log'][-1:] or ['no output']
     raise RuntimeError(errors[-1] if errors else f'the core failed (exit {rc}): {last[0]}')

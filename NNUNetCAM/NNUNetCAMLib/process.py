@@ -96,6 +96,11 @@ class CoreProcess:
             subprocess.run(['taskkill', '/T', '/F', '/PID', str(self._process.pid)], capture_output=True)
 
 
+def stdout_of(events: List[dict]) -> str:
+    """The plain (non-event) lines a core call printed on stdout, e.g. the JSON of --list-layers or check-env."""
+    return '\n'.join(e['message'] for e in events if e.get('stream') == 'stdout')
+
+
 def run_to_end(command: Sequence[str], env: Optional[dict] = None, timeout: float = 300) -> tuple:
     """A short core call (check-env, --list-methods, --list-layers): (returncode, events)."""
     p = CoreProcess(command, env)
