@@ -96,7 +96,7 @@ class CamRun:
         self.process, self.workdir, self.sidecar, self._load = process, workdir, sidecar, load
         self.on_progress, self.on_log, self.on_finished, self.on_error = on_progress, on_log, on_finished, on_error
         self.state = 'running'  # running, done, failed, cancelled
-        self.fraction, self.status = 0.0, 'Starting'
+        self.fraction = 0.0
         self.result: Optional[CamResult] = None
         self.error: Optional[str] = None
         self.log: List[str] = [' '.join(process.command)]
@@ -142,7 +142,7 @@ class CamRun:
             self._log(event.get('message', str(event)))
 
     def _progress(self, fraction: float, text: str) -> None:
-        self.fraction, self.status = fraction, text
+        self.fraction = fraction
         if self.on_progress:
             self.on_progress(fraction, text)
 
