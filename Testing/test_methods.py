@@ -106,3 +106,35 @@ def test_adapter_method_runs_in_3d():
 
 def test_method_list_is_complete():
     assert set(REFERENCE) | {'segxrescam'} == set(NATIVE)
+
+
+@pytest.mark.parametrize('scale', [1.0, 1e-3, 1e-4])
+@pytest.mark.parametrize('name', ['gradcam', 'gradcam++', 'xgradcam'])
+def test_pooled_weights_match_pytorch_grad_cam_at_small_gradients(name, scale):
+    """The library's own get_cam_weights on the same tensors (2D, as it is written), gradients as small as a few
+    target voxels at a tile corner give: its constants decide the map there."""
+    import pytorch_grad_cam
+    rng = np.random.default_rng(0)
+    A = rng.random((1, 16, 7, 7)).astype(np.float32)
+    G = (rng.standard_normal((1, 16, 7, 7)) * scale).astype(np.float32)
+    ref_w = getattr(pytorch_grad_cam, REFERENCE[name]).get_cam_weights(None, None, None, None, A, G)
+    ref = np.maximum((ref_w[:, :, None, None] * A).sum(1), 0)
+    mine = get_method(name).cam(torch.from_numpy(A), torch.from_numpy(G), (2, 3)).clamp(min=0).numpy()
+    assert ref.max() > 0
+    assert np.allclose(mine / mine.max(), ref / ref.max(), atol=1e-4)
+
+
+def test_segxrescam_each_voxel_gets_its_own_window():
+    """Length 7, windows of 3: {0,1,2}, {3,4,5}, {6}; checked against a direct per-window max."""
+    rng = np.random.default_rng(1)
+    A = torch.from_numpy(rng.random((1, 4, 7, 5, 8)).astype(np.float32))
+    G = torch.from_numpy(rng.standard_normal((1, 4, 7, 5, 8)).astype(np.float32))
+    k = 3
+    pooled = torch.empty_like(G)
+    for z in range(7):
+        for y in range(5):
+            for x in range(8):
+                win = G[:, :, z // k * k:(z // k + 1) * k, y // k * k:(y // k + 1) * k, x // k * k:(x // k + 1) * k]
+                pooled[:, :, z, y, x] = win.amax((2, 3, 4))
+    ref = (pooled * A).sum(1)
+    assert torch.allclose(get_method('segxrescam', pool_size=k).cam(A, G, (2, 3, 4)), ref, atol=1e-6)

@@ -41,7 +41,7 @@ class GradCAMPlusPlus(CamMethod):
     def get_cam_weights(self, A, G, pool_dims):
         g2 = G ** 2
         sum_a = A.sum(pool_dims, keepdim=True)
-        aij = g2 / (2 * g2 + sum_a * g2 * G + 1e-7)
+        aij = g2 / (2 * g2 + sum_a * g2 * G + 1e-6)  # pytorch-grad-cam's constant
         aij = torch.where(G != 0, aij, torch.zeros_like(aij))
         return (G.clamp(min=0) * aij).sum(pool_dims, keepdim=True)
 
@@ -125,7 +125,9 @@ class SegXResCAM(CamMethod):
                 ('mean', 2): F.avg_pool2d, ('mean', 3): F.avg_pool3d}[(self.pool_mode, nd)]
         k = [min(self.pool_size, s) for s in G.shape[2:]]
         pooled = pool(G.float(), k, k, ceil_mode=True)
-        pooled = F.interpolate(pooled, size=G.shape[2:], mode='nearest')
+        # voxel i lies in window i // k (the last window may be shorter)
+        for axis, (kk, n) in enumerate(zip(k, G.shape[2:])):
+            pooled = pooled.repeat_interleave(kk, dim=axis + 2).narrow(axis + 2, 0, n)
         return (pooled.to(A.dtype) * A).sum(1)
 
 
