@@ -138,3 +138,18 @@ def test_segxrescam_each_voxel_gets_its_own_window():
                 pooled[:, :, z, y, x] = win.amax((2, 3, 4))
     ref = (pooled * A).sum(1)
     assert torch.allclose(get_method('segxrescam', pool_size=k).cam(A, G, (2, 3, 4)), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['eigencam', 'eigengradcam'])
+def test_maps_are_float32_under_float16_autocast(name):
+    """CUDA runs the network under float16 autocast; the maps must not be computed in it. Emulated on the CPU:
+    300k positions, where a float16 covariance overflows."""
+    rng = np.random.default_rng(2)
+    A = torch.from_numpy(rng.random((1, 32, 40, 80, 96)).astype(np.float32) * 4)
+    G = torch.from_numpy(rng.standard_normal((1, 32, 40, 80, 96)).astype(np.float32))
+    m = get_method(name)
+    ref = m(A, G, (0, 2, 3, 4))
+    with torch.autocast('cpu', dtype=torch.float16):
+        emulated = m(A.half(), G.half(), (0, 2, 3, 4))
+    assert emulated.dtype == torch.float32 and torch.isfinite(emulated).all()
+    assert np.corrcoef(emulated.ravel().numpy(), ref.ravel().numpy())[0, 1] >= 0.999

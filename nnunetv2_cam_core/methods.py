@@ -21,6 +21,12 @@ class CamMethod:
     # chosen by measured tiling invariance (README): gradient weights per tile, principal components per volume
     default_pooling = 'tile'
 
+    def __call__(self, A: torch.Tensor, G: Optional[torch.Tensor], pool_dims: Sequence[int]) -> torch.Tensor:
+        """The raw map in float32 and outside any autocast: float16 sums and covariances over many positions
+        overflow (CUDA autocast would run the eigen methods' matmuls in float16)."""
+        with torch.autocast(A.device.type, enabled=False):
+            return self.cam(A.float(), None if G is None else G.float(), pool_dims)
+
     def get_cam_weights(self, A, G, pool_dims):
         raise NotImplementedError
 
