@@ -154,8 +154,8 @@ def test_run_loads_cam_and_segmentation_on_the_input_grid(scene, input_volume, m
     assert vr.GetFirstVolumeRenderingDisplayNode(cam).GetVisibility()
     # as Slicer's slice logic blends it: colour over the lesion, plain grey where the CAM is under the threshold
     values = slicer.util.arrayFromVolume(cam)
-    k = int(np.argmax(values.reshape(values.shape[0], -1).max(1)))
-    centre = volumes.ijk_to_ras(input_volume) @ np.array([*(np.array(values.shape[:0:-1]) / 2), k, 1])
+    peak = np.unravel_index(np.argmax(values), values.shape)  # the axial plane through it (the volume is oblique)
+    centre = volumes.ijk_to_ras(input_volume) @ np.array([*peak[::-1], 1])
     rgb = render_slice(scene, input_volume, cam, centre[:3])[..., :3].astype(int)
     coloured = np.abs(rgb[..., 0] - rgb[..., 2]) > 10
     assert 0.001 < coloured.mean() < 0.2, coloured.mean()
