@@ -105,7 +105,9 @@ def test_run_loads_cam_and_segmentation_on_the_input_grid(scene, input_volume, m
     temp_root.mkdir()
     vr = slicer.vtkSlicerVolumeRenderingLogic()
     vr.SetMRMLScene(scene)
-    logic = NNUNetCAMLogic(scene, temp_root=str(temp_root), volume_rendering_logic=vr)
+    pumped = []
+    logic = NNUNetCAMLogic(scene, temp_root=str(temp_root), volume_rendering_logic=vr,
+                           event_pump=lambda: pumped.append(time.monotonic()))
     progress = []
     result = logic.run(input_volume, model3d, targetClass=['lesion', 'organ'], layers=['last_decoder'], folds=[0],
                        device='cpu', tta=False, outputFolder=str(tmp_path / 'kept'),
@@ -168,6 +170,8 @@ def test_run_loads_cam_and_segmentation_on_the_input_grid(scene, input_volume, m
     saved = load_volume(scene, cam.GetStorageNode().GetFileName(), 'reloaded')
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(saved), slicer.util.arrayFromVolume(cam))
     scene.RemoveNode(saved)
+    # the blocking run processed events all along (in Slicer: slicer.app.processEvents)
+    assert len(pumped) > 10
     # progress went forward to the end; the input is untouched; the temporary folder is gone
     fractions = [f for f, _ in progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
@@ -320,8 +324,10 @@ def test_layers_and_methods_from_the_core(scene, model3d):
 
 
 def test_python_environments_are_checked(tmp_path):
-    ok = PythonEnvironment(sys.executable).check()
+    pumped = []
+    ok = PythonEnvironment(sys.executable).check(event_pump=lambda: pumped.append(1))
     assert ok['ok'] and ok['versions']['nnunetv2'] and 'cpu' in ok['devices'], ok
+    assert pumped, 'check-env waited without processing events'
     assert ok['message'].startswith(sys.executable)
     bare = tmp_path / 'bare'
     subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(bare)], check=True)

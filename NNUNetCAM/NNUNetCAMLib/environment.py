@@ -62,13 +62,13 @@ class PythonEnvironment:
         env['PYTHONUNBUFFERED'] = '1'
         return env
 
-    def check(self, timeout: float = 180) -> dict:
+    def check(self, timeout: float = 180, event_pump: Optional[Callable[[], None]] = None) -> dict:
         """`check-env` in that Python: {'ok', 'message', 'versions', 'devices', ...}."""
         if not self.is_slicer_python and not Path(self.executable).is_file():
             return {'ok': False, 'message': f'{self.executable} does not exist; pick a python executable '
                                             f'(e.g. .../envs/nnunet/bin/python)'}
         try:
-            return self.parse_check(*run_to_end(self.command('check-env'), self.env(), timeout))
+            return self.parse_check(*run_to_end(self.command('check-env'), self.env(), timeout, event_pump))
         except OSError as e:
             return {'ok': False, 'message': f'cannot start {self.executable} ({e.strerror}); pick a python executable'}
 

@@ -5,7 +5,8 @@
     result.cams['lesion'], result.segmentation
 
 Qt-free: the background run advances in CamRun.poll(), which the panel calls from a timer (or `scheduler`), and
-which `wait=True` calls in a loop. Nodes are only added in poll(), on the caller's thread, after the core succeeded.
+which `wait=True` calls in a loop, processing Slicer's events in between so the app stays responsive. Nodes are only
+added in poll(), on the caller's thread, after the core succeeded.
 """
 import json
 import re
@@ -183,30 +184,40 @@ class CamRun:
         self.state = 'cancelled'
         self._log('cancelled')
 
-    def wait(self, timeout: Optional[float] = None) -> CamResult:
+    def wait(self, timeout: Optional[float] = None, event_pump: Optional[Callable[[], None]] = None) -> CamResult:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll():
             if deadline is not None and time.monotonic() > deadline:
                 self.cancel()
                 raise TimeoutError(f'the CAM run took longer than {timeout:.0f} s and was cancelled')
+            if event_pump:
+                event_pump()
             time.sleep(0.05)
         if self.state != 'done':
             raise RuntimeError(self.error or self.state)
         return self.result
 
 
+def app_event_pump() -> Optional[Callable[[], None]]:
+    """slicer.app.processEvents inside the Slicer app (as Slicer's own blocking helpers call it), else None."""
+    app = getattr(slicer, 'app', None)
+    return app.processEvents if app is not None else None
+
+
 class NNUNetCAMLogic:
     """`scene`: defaults to slicer.mrmlScene. `scheduler(ms, fn)`: runs fn later on the main thread (in Slicer,
-    qt.QTimer.singleShot), so `wait=False` runs advance by themselves; without one, call run.poll()."""
+    qt.QTimer.singleShot), so `wait=False` runs advance by themselves; without one, call run.poll().
+    `event_pump()`: called while a blocking call waits; defaults to Slicer's event processing in the app."""
 
     def __init__(self, scene=None, environment: Optional[PythonEnvironment] = None,
                  temp_root: Optional[str] = None, scheduler: Optional[Callable] = None,
-                 volume_rendering_logic=None):
+                 volume_rendering_logic=None, event_pump: Optional[Callable[[], None]] = None):
         self.scene = scene if scene is not None else slicer.mrmlScene
         self.environment = environment or PythonEnvironment()
         self.temp_root = temp_root
         self.scheduler = scheduler
         self.volume_rendering_logic = volume_rendering_logic
+        self.event_pump = event_pump or app_event_pump()
         self.current: Optional[CamRun] = None
 
     # --- short core calls: --list-methods, --list-layers, check-env ---
@@ -214,7 +225,7 @@ class NNUNetCAMLogic:
         """(returncode, events) of a short core call; with onDone and a scheduler, onDone(returncode, events)
         is called later and nothing blocks."""
         if onDone is None or self.scheduler is None:
-            result = run_to_end(self.environment.command(*args), self.environment.env(), timeout)
+            result = run_to_end(self.environment.command(*args), self.environment.env(), timeout, self.event_pump)
             return onDone(*result) if onDone else result
         process, events = CoreProcess(self.environment.command(*args), self.environment.env()), []
 
@@ -283,7 +294,7 @@ class NNUNetCAMLogic:
             return self._load_results(sidecar, out, inputVolume, info, method, options)
         self.current = CamRun(process, workdir, out / f'{case}_cam.json', load, onProgress, onLog, onFinished, onError)
         if wait:
-            return self.current.wait()
+            return self.current.wait(event_pump=self.event_pump)
         if self.scheduler is not None:
             self._schedule(self.current)
         return self.current

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 
 class CoreProcess:
@@ -101,10 +101,17 @@ def stdout_of(events: List[dict]) -> str:
     return '\n'.join(e['message'] for e in events if e.get('stream') == 'stdout')
 
 
-def run_to_end(command: Sequence[str], env: Optional[dict] = None, timeout: float = 300) -> tuple:
-    """A short core call (check-env, --list-methods, --list-layers): (returncode, events)."""
+def run_to_end(command: Sequence[str], env: Optional[dict] = None, timeout: float = 300,
+               event_pump: Optional[Callable[[], None]] = None) -> tuple:
+    """A short core call (check-env, --list-methods, --list-layers): (returncode, events). `event_pump` is called
+    every 50 ms while waiting (in Slicer, slicer.app.processEvents, so the GUI stays responsive)."""
     p = CoreProcess(command, env)
-    rc = p.wait(timeout)
+    deadline = time.monotonic() + timeout
+    rc = None
+    while rc is None and time.monotonic() < deadline:
+        rc = p.wait(0.05 if event_pump else max(deadline - time.monotonic(), 0))
+        if rc is None and event_pump:
+            event_pump()
     if rc is None:
         p.cancel()
         return None, p.poll() + [{'event': 'error', 'message': f'no answer within {timeout:.0f} s: '
