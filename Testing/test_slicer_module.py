@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -438,18 +439,52 @@ def test_cmake_lists_every_script_and_resource():
     for resource in (r for r in listed if not r.endswith('.py')):
         assert (MODULE / resource).is_file(), resource
     assert 'WITH_GENERIC_TESTS' in module_cmake and 'slicerMacroBuildScriptedModule' in module_cmake
-    top = (ROOT / 'CMakeLists.txt').read_text()
-    for key in ('EXTENSION_HOMEPAGE', 'EXTENSION_CONTRIBUTORS', 'EXTENSION_DESCRIPTION', 'EXTENSION_ICONURL',
-                'EXTENSION_SCREENSHOTURLS', 'EXTENSION_DEPENDS'):
-        assert re.search(rf'set\({key} "[^"]+"\)', top), key
-    assert 'add_subdirectory(NNUNetCAM)' in top
-    for url in re.findall(r'main/(Resources/\S+\.png)', top):
-        assert (ROOT / url).is_file(), url
-    entry = json.loads((ROOT / 'ExtensionsIndex' / 'NNUNetCAM.json').read_text())
-    assert re.match(r'https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/'
-                    r'slicer-extension-catalog-entry-schema-v1\.0\.\d\.json#', entry['$schema'])
-    assert {'category', 'scm_url'} <= set(entry) and set(entry) <= {
+    assert 'add_subdirectory(NNUNetCAM)' in (ROOT / 'CMakeLists.txt').read_text()
+    assert 'import imp\n' not in (MODULE / 'NNUNetCAM.py').read_text()
+
+
+def test_catalog_entry_passes_the_extensions_index_checks_that_run_offline():
+    """The rules of Slicer/ExtensionsIndex scripts/check_description_files.py that need no network, and the
+    catalog-entry schema v1.0.1 (Slicer's Schemas/). Online only: the image URLs answer and the GitHub repository
+    has the '3d-slicer-extension' topic."""
+    path = ROOT / 'ExtensionsIndex' / 'NNUNetCAM.json'
+    name = path.stem
+    assert b'\r' not in path.read_bytes()  # check_json_file_format: LF only
+    entry = json.loads(path.read_text())
+    # the schema: required keys, no others, their types
+    assert {'$schema', 'category', 'scm_url'} <= set(entry) <= {
         '$schema', 'build_dependencies', 'build_subdirectory', 'category', 'enabled', 'scm_revision', 'scm_type',
         'scm_url', 'tier'}
+    assert entry['$schema'] == ('https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/'
+                                'slicer-extension-catalog-entry-schema-v1.0.1.json#')
+    assert entry.get('scm_type', 'git') in ('git', 'local') and 1 <= entry.get('tier', 1) <= 5
+    # check_extension_name, check_scm_url_syntax, check_git_repository_name
+    assert not name.lower().startswith('slicer')
+    assert urlsplit(entry['scm_url']).scheme in ('git', 'https')
+    repository = Path(urlsplit(entry['scm_url'].strip().strip('/')).path).stem
+    assert repository.startswith('Slicer'), f'the repository name {repository!r} must start with Slicer'
+    # check_category: a category of the index, the one the extension declares
+    top = (ROOT / 'CMakeLists.txt').read_text()
+    assert entry['category'] == re.search(r'set\(EXTENSION_CATEGORY "([^"]+)"\)', top).group(1) == 'Segmentation'
+    # check_cmakelists_content: project() is the extension name; icon and screenshots are http URLs to files here
+    assert re.findall(r'project\s*\(\s*([^\s\)\n\r]+)', top, re.I)[0] == name
+    icon = re.findall(r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)', top, re.I)
+    screenshots = re.findall(r'set\s*\(EXTENSION_SCREENSHOTURLS\s*"([^"]+)"\)', top, re.I)
+    assert icon and screenshots
+    raw = f'https://raw.githubusercontent.com{urlsplit(entry["scm_url"]).path.removesuffix(".git")}/' \
+          f'{entry["scm_revision"]}/'
+    for url in [icon[0], *screenshots[0].split()]:
+        assert url.startswith(raw) and url.endswith('.png'), url
+        assert (ROOT / url[len(raw):]).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', url
+    assert re.search(r'set\(EXTENSION_HOMEPAGE "https://github.com' + urlsplit(entry['scm_url']).path.removesuffix(
+        '.git') + r'[#"]', top)
+    for key in ('EXTENSION_CONTRIBUTORS', 'EXTENSION_DESCRIPTION', 'EXTENSION_DEPENDS'):
+        assert re.search(rf'set\({key} "[^"]+"\)', top), key
     assert entry['build_dependencies'] == re.search(r'set\(EXTENSION_DEPENDS "([^"]+)"\)', top).group(1).split()
-    assert 'import imp\n' not in (MODULE / 'NNUNetCAM.py').read_text()
+    # check_license_file: at the root, the license pyproject.toml declares
+    license_text = (ROOT / 'LICENSE').read_text()
+    declared = re.search(r'^license = "([^"]+)"', (ROOT / 'pyproject.toml').read_text(), re.M).group(1)
+    assert declared == 'Apache-2.0' and 'Apache License' in license_text and 'Version 2.0, January 2004' in license_text
+    # check_repository_size: under 100 MB checked out
+    files = subprocess.run(['git', 'ls-files', '-z'], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert sum((ROOT / f).stat().st_size for f in files.split('\0') if f and (ROOT / f).is_file()) < 100 * 2 ** 20
