@@ -3,23 +3,33 @@
 Thin Slicer glue: the Module, the Widget (panel <-> parameter node <-> NNUNetCAMLib) and the Test. All logic lives in
 NNUNetCAMLib, which has no Qt and is tested outside Slicer; the computation runs in nnunetv2_cam_core, in a
 subprocess."""
+import contextlib
 import subprocess
 import time
 from typing import Annotated
 
 import qt
 import slicer
+import vtk
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
 from NNUNetCAMLib import (COLORMAPS, DEFAULT_COLORMAP, DisplayOptions, NNUNetCAMLogic, PythonEnvironment,
-                          install_requirements, layer_choices, missing_requirements, model_info, target_classes)
+                          install_requirements, layer_choices, missing_requirements, model_info, target_classes,
+                          torch_install_arguments)
 from NNUNetCAMLib import display
 from NNUNetCAMLib.logic import stdout_json
+from NNUNetCAMLib.process import run_to_end, stdout_of
 
 PYTHON_SETTING = 'NNUNetCAM/python'  # '' = Slicer's own Python
+
+
+def savedEnvironment() -> PythonEnvironment:
+    """The Python chosen in the panel, kept in the application settings."""
+    python = qt.QSettings().value(PYTHON_SETTING) or ''
+    return PythonEnvironment(python, slicer.util.startupEnvironment()) if python else PythonEnvironment()
 
 
 class NNUNetCAM(ScriptedLoadableModule):
@@ -32,7 +42,7 @@ class NNUNetCAM(ScriptedLoadableModule):
             'Segment a scan with a trained nnU-Net v2 model and show <b>why</b>: a Class Activation Map (Grad-CAM '
             'and related methods) over the image, bright where the model looked to find the chosen class. '
             'Pick the volume and the model folder, click Apply. See the '
-            '<a href="https://github.com/nnunetcam/NNUNetCAM">README</a>.')
+            '<a href="https://github.com/nnunetcam/SlicerNNUNetCAM#readme">README</a>.')
         self.parent.acknowledgementText = (
             'Uses nnU-Net v2 (Isensee et al.) and pytorch-grad-cam (Gildenblat et al.). Subprocess, progress and '
             'cancel follow SlicerNNUNet and SlicerMONAIAuto3DSeg.')
@@ -65,6 +75,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
+        self._parameterNodeGuiTag = None
         self._info = None
         self._foldBoxes = []
         self._run = None
@@ -86,7 +97,6 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.targetLayerComboBox.connect('currentIndexChanged(int)', self.onTargetLayerChanged)
         self.ui.methodComboBox.connect('currentTextChanged(QString)', self.onMethodChanged)
         self.ui.targetSegmentSelector.connect('currentNodeChanged(vtkMRMLNode*)', lambda node: self.updateApply())
-        self.ui.inputVolumeSelector.connect('currentNodeChanged(vtkMRMLNode*)', lambda node: self.updateApply())
         self.ui.applyButton.connect('clicked(bool)', self.onApply)
         self.ui.camVolumeSelector.connect('currentNodeChanged(vtkMRMLNode*)', self.onDisplayChanged)
         self.ui.colormapComboBox.connect('currentTextChanged(QString)', self.onDisplayChanged)
@@ -116,6 +126,12 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         self.initializeParameterNode()
 
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApply)
+
     def onSceneStartClose(self, caller, event):
         self.logic.cancel()
         self.setParameterNode(None)
@@ -128,17 +144,20 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         holder = ScriptedLoadableModuleLogic()
         holder.moduleName = 'NNUNetCAM'  # the singleton parameter node is named after the module
-        node = NNUNetCAMParameterNode(holder.getParameterNode())
-        if not node.inputVolume:
-            node.inputVolume = slicer.mrmlScene.GetFirstNodeByClass('vtkMRMLScalarVolumeNode')
-        self.setParameterNode(node)
+        self.setParameterNode(NNUNetCAMParameterNode(holder.getParameterNode()))
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass('vtkMRMLScalarVolumeNode')
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
 
     def setParameterNode(self, node):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._connections)
+        if self._parameterNode and self._parameterNodeGuiTag is not None:  # else exit() has disconnected it
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApply)
         self._parameterNode = node
         if node:
-            self._connections = node.connectGui({
+            # a mapping: connectGui takes a widget, and returns the tag only from Slicer 5.10 on
+            self._parameterNodeGuiTag = node.connectParametersToGui({
                 'inputVolume': self.ui.inputVolumeSelector, 'channel1Volume': self.ui.channel1Selector,
                 'channel2Volume': self.ui.channel2Selector, 'channel3Volume': self.ui.channel3Selector,
                 'device': self.ui.deviceComboBox, 'tta': self.ui.ttaCheckBox,
@@ -146,6 +165,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 'colormap': self.ui.colormapComboBox, 'opacity': self.ui.opacitySlider,
                 'threshold': self.ui.thresholdSlider, 'colorLegend': self.ui.colorLegendCheckBox,
                 'volumeRendering': self.ui.volumeRenderingCheckBox})
+            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.updateApply)
             if node.modelFolder and node.modelFolder != self.ui.modelFolderPathLineEdit.currentPath:
                 self.ui.modelFolderPathLineEdit.currentPath = node.modelFolder
         self.updateApply()
@@ -260,9 +280,9 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def selectedFolds(self):
         return [box.text for box in self._foldBoxes if box.checked]
 
-    def updateApply(self):
+    def updateApply(self, caller=None, event=None):
         running = self._run is not None and self._run.running
-        ready = bool(self.ui.inputVolumeSelector.currentNode() and self._info and self.selectedFolds())
+        ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._info and self.selectedFolds())
         self.ui.applyButton.enabled = running or ready
         self.ui.applyButton.text = 'Cancel' if running else 'Apply'
         self.ui.applyButton.toolTip = ('Stop the run; nothing is added to the scene.' if running else
@@ -326,10 +346,11 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDisplayChanged(self, *args):
         """Read from the widgets: the parameter node may be updated after this slot runs."""
         cam, background = self.ui.camVolumeSelector.currentNode(), self.ui.inputVolumeSelector.currentNode()
-        if not cam or not background or not cam.GetDisplayNode():
+        colormap = self.ui.colormapComboBox.currentText  # '' while the parameter node's connector refills the list
+        if not cam or not background or not cam.GetDisplayNode() or colormap not in COLORMAPS:
             return
         threshold = self.ui.thresholdSlider.value
-        display.style_cam(slicer.mrmlScene, cam, self.ui.colormapComboBox.currentText, threshold)
+        display.style_cam(slicer.mrmlScene, cam, colormap, threshold)
         display.show_in_slice_views(slicer.mrmlScene, background, cam, self.ui.opacitySlider.value)
         legend = slicer.modules.colors.logic().GetColorLegendDisplayNode(cam)
         if legend:
@@ -394,25 +415,29 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             import PyTorchUtils
 
             def installTorch(lines):
-                spec = next((line[len('torch'):] for line in lines if line.startswith('torch')), '')
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                                 torchVersionRequirement=spec or None) is None:
-                    raise RuntimeError('the PyTorch extension could not install torch; see its log')
+                PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, **torch_install_arguments(lines))
         except ImportError:
             self.log('PyTorch extension not found: installing torch with pip (CPU or default CUDA build)')
         try:
-            with slicer.util.WaitCursor():
-                install_requirements(missing, slicer.util.pip_install, installTorch, log=self.log)
+            from slicer.packaging import pip_install  # Slicer after 5.10: shows progress and errors in its own dialogs
+            slicerDialogs = True
+        except ImportError:
+            pip_install, slicerDialogs = slicer.util.pip_install, False
+        try:
+            with contextlib.nullcontext() if slicerDialogs else slicer.util.WaitCursor():
+                install_requirements(missing, pip_install, installTorch, log=self.log)
         except Exception as e:
-            slicer.util.errorDisplay(f'Installing the requirements failed: {e}', windowTitle='NNUNetCAM')
+            if not (slicerDialogs and isinstance(e, subprocess.CalledProcessError)):  # else Slicer has shown pip's log
+                slicer.util.errorDisplay(f'Installing the requirements failed: {e}', windowTitle='NNUNetCAM')
             return False
         self.ui.environmentStatusLabel.text = "Requirements installed in Slicer's Python."
         return True
 
 
 class NNUNetCAMTest(ScriptedLoadableModuleTest):
-    """End to end on the tiny demo model (built on first use, a few minutes on CPU): run, then check the nodes
-    and that the CAM sits on the input's voxel grid exactly."""
+    """End to end on the tiny demo model (built on first use, a few minutes on CPU) in the Python chosen in the
+    panel: run, then check the nodes and that the CAM sits on the input's voxel grid exactly. Slicer's events are
+    processed while it waits."""
 
     def runTest(self):
         slicer.mrmlScene.Clear()
@@ -421,17 +446,20 @@ class NNUNetCAMTest(ScriptedLoadableModuleTest):
     def test_run_and_geometry(self):
         import numpy as np
         from NNUNetCAMLib.volumes import ijk_to_ras
-        logic = NNUNetCAMLogic()
+        logic = NNUNetCAMLogic(environment=savedEnvironment())
         env = logic.environment
-        if not env.check()['ok']:
-            self.skipTest(f'{env.describe()} lacks the requirements; install them from the NNUNetCAM panel')
+        check = env.check(event_pump=logic.event_pump)
+        if not check['ok']:  # no skipTest: Reload and Test calls runTest() directly and would report a failure
+            self.delayDisplay(f'Test not run: {check["message"]}')
+            return
         self.delayDisplay('Building (or finding) the tiny demo model')
         code = ('import sys; from pathlib import Path; from nnunetv2_cam_core.demo import build_tiny_models, '
                 'default_cache, model_folder, write_sample_case; r = build_tiny_models(default_cache()); '
                 'print(model_folder(r)); print(write_sample_case(Path(sys.argv[1])))')
-        out = subprocess.run([env.executable, '-c', code, slicer.app.temporaryPath], env=env.env(),
-                             capture_output=True, text=True, check=True).stdout.split()
-        model, case = out[-2], out[-1]
+        rc, events = run_to_end([env.executable, '-c', code, slicer.app.temporaryPath], env.env(), 3600,
+                                logic.event_pump)
+        self.assertEqual(rc, 0, '\n'.join(e.get('message', '') for e in events[-5:]))
+        model, case = stdout_of(events).splitlines()[-2:]
         volume = slicer.util.loadVolume(case)
         self.delayDisplay('Running NNUNetCAM')
         result = logic.run(volume, model, targetClass='lesion', layers=['last_decoder'], folds=[0], device='cpu',

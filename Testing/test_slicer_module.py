@@ -1,5 +1,7 @@
 """The Slicer module's logic (NNUNetCAMLib) against real MRML from the `slicer-core` wheel and the real core
-subprocess on the tiny model; plus static checks of the module's files (.ui names, CMake lists, catalog entry)."""
+subprocess on the tiny model; the panel and self-test of NNUNetCAM.py in stand-ins for the Slicer app
+(slicer_standin.py); static checks of the module's files (.ui names, CMake lists, catalog entry)."""
+import importlib.util
 import json
 import os
 import re
@@ -7,6 +9,8 @@ import shutil
 import subprocess
 import sys
 import time
+import types
+import unittest
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,12 +26,14 @@ MODULE = ROOT / 'NNUNetCAM'
 sys.path.insert(0, str(MODULE))
 
 from NNUNetCAMLib import (DisplayOptions, NNUNetCAMLogic, PythonEnvironment, install_requirements,  # noqa: E402
-                          layer_choices, missing_requirements)
+                          layer_choices, missing_requirements, torch_install_arguments)
 from NNUNetCAMLib import display, volumes  # noqa: E402
 from NNUNetCAMLib.logic import STAGES, stdout_json  # noqa: E402
 
 sys.path.insert(0, str(ROOT / 'scripts'))
 from slicer_screenshot import render_slice  # noqa: E402
+
+import slicer_standin  # noqa: E402
 
 STAGE_TILES = STAGES['tiles'][0]  # where the sliding window starts on the progress bar
 
@@ -358,6 +364,8 @@ def test_requirements_install_never_replaces_what_slicer_ships(tmp_path):
     assert f'torch=={version("torch")}' in constraints
     with pytest.raises(RuntimeError, match='Slicer ships'):
         install_requirements(['numpy<1'], pip, log=lambda s: None)
+    assert torch_install_arguments(['torchvision>=0.16']) == {'torchVersionRequirement': None,
+                                                              'torchvisionVersionRequirement': '>=0.16'}
     assert missing_requirements(MODULE / 'Resources' / 'requirements.txt') == []  # this venv has them all
 
 
@@ -376,6 +384,168 @@ def test_colormap_fallback_and_unknown(scene):
         display.color_node_id(scene, 'Jet')
 
 
+# --- NNUNetCAM.py in stand-ins for the Slicer app ---
+def install_app(monkeypatch, scene, tmp_path, version):
+    temporary = tmp_path / 'Jane Doe' / 'tmp'  # a space, as in Windows user folders
+    temporary.mkdir(parents=True)
+    return slicer_standin.install(monkeypatch, scene, str(temporary), version)
+
+
+@pytest.fixture(params=['5.8', 'main'])
+def app(request, monkeypatch, scene, tmp_path):
+    """slicer.app and what NNUNetCAM.py imports from the app, as in Slicer 5.8 and in main, over a real scene."""
+    return install_app(monkeypatch, scene, tmp_path, request.param)
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location('NNUNetCAM', MODULE / 'NNUNetCAM.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def open_panel(module):
+    """As Slicer shows a module panel: the widget made in its parent, set up, then entered."""
+    parent = slicer_standin.qMRMLWidget()
+    parent.isEntered = True
+    widget = module.NNUNetCAMWidget(parent)
+    widget.setup()
+    widget.enter()
+    return widget
+
+
+def test_panel_binds_the_parameter_node_through_its_lifecycle(app, scene, model3d, monkeypatch):
+    a, b = (volume_from_array(scene, np.zeros((4, 5, 6), np.float32), np.eye(4), name) for name in ('A', 'B'))
+    module = load_module()
+    widget = open_panel(module)
+    ui, node = widget.ui, widget._parameterNode
+    # bound, with a tag kept for disconnecting, to widgets of the .ui file; the rest is set from code
+    assert widget._parameterNodeGuiTag is not None
+    bound, mapping = app.connections[-1]
+    assert bound is node and set(module.NNUNetCAMParameterNode.allParameters) - set(mapping) == {
+        'modelFolder', 'targetClass', 'targetLayer', 'method'}
+    assert {id(w) for w in mapping.values()} <= {id(w) for w in vars(ui).values()}
+    # parameter node -> widgets -> parameter node
+    assert node.inputVolume is a and ui.inputVolumeSelector.currentNode() is a
+    ui.inputVolumeSelector.setCurrentNode(b)
+    ui.ttaCheckBox.checked = False
+    ui.deviceComboBox.currentText = 'cpu'
+    ui.thresholdSlider.value = 0.35
+    assert (node.inputVolume, node.tta, node.device, node.threshold) == (b, False, 'cpu', 0.35)
+    node.opacity = 0.8
+    assert ui.opacitySlider.value == 0.8
+    # Apply follows the parameter node (its observer)
+    ui.modelFolderPathLineEdit.currentPath = str(model3d)
+    app.runPending()  # the core lists layers and methods
+    assert ui.targetLayerComboBox.count > 1 and ui.methodComboBox.count > 1 and ui.applyButton.enabled
+    node.inputVolume = None
+    assert not ui.applyButton.enabled
+    node.inputVolume = b
+    assert ui.applyButton.enabled
+    # Apply runs on what the panel shows
+    calls = []
+    monkeypatch.setattr(widget.logic, 'run', lambda *args, **kwargs: calls.append((args, kwargs))
+                        or types.SimpleNamespace(running=False, log=['core']))
+    ui.applyButton.clicked.emit(False)
+    (args, kwargs), = calls
+    assert args[0] is b and (kwargs['device'], kwargs['tta'], kwargs['method']) == ('cpu', False, 'gradcam')
+    assert (kwargs['displayOptions'].threshold, kwargs['displayOptions'].opacity) == (0.35, 0.8)
+    # leaving the module disconnects the panel and the observer
+    cam = volume_from_array(scene, np.linspace(0, 1, 120, dtype=np.float32).reshape(4, 5, 6), np.eye(4), 'B CAM')
+    display.style_cam(scene, cam, 'Rainbow')
+    node.camVolume, node.colormap = cam, 'Rainbow'
+    widget.exit()
+    assert widget._parameterNodeGuiTag is None
+    ui.ttaCheckBox.checked = True
+    node.opacity = 0.3
+    node.inputVolume = None
+    assert not node.tta and ui.opacitySlider.value == 0.8 and ui.applyButton.enabled
+    # entering again shows the node; the refilled colormap list ('' on the way) redraws the CAM
+    node.inputVolume = b
+    widget.enter()
+    assert widget._parameterNodeGuiTag is not None
+    assert (ui.ttaCheckBox.checked, ui.opacitySlider.value, ui.colormapComboBox.currentText) == (False, 0.3, 'Rainbow')
+    assert scene.GetNthNodeByClass(0, 'vtkMRMLSliceCompositeNode').GetForegroundVolumeID() == cam.GetID()
+    # closing the scene rebinds a fresh parameter node
+    scene.Clear(0)
+    assert widget._parameterNodeGuiTag is not None and widget._parameterNode.tta
+    assert ui.ttaCheckBox.checked and ui.inputVolumeSelector.currentNode() is None
+    # after cleanup the panel no longer follows the scene
+    widget.cleanup()
+    kept = widget._parameterNode
+    scene.Clear(0)
+    assert widget._parameterNode is kept
+    assert app.slotErrors == []
+
+
+def test_every_bound_widget_has_the_annotation_its_connector_needs(app, scene):
+    """What Slicer's connectors demand, for the mapping the panel passes at runtime: a QComboBox a Choice, a
+    ctkSliderWidget a float WithinRange, a qMRMLNodeComboBox a node type, a QCheckBox a bool."""
+    module = load_module()
+    open_panel(module)
+    _, mapping = app.connections[-1]
+    has = lambda annotations, cls: any(isinstance(a, cls) for a in annotations)  # noqa: E731
+    needs = {'QComboBox': lambda kind, annotations: has(annotations, slicer_standin.Choice),
+             'ctkSliderWidget': lambda kind, annotations: kind is float and has(annotations, slicer_standin.WithinRange),
+             'qMRMLNodeComboBox': lambda kind, annotations: issubclass(kind, slicer.vtkMRMLNode),
+             'QCheckBox': lambda kind, annotations: kind is bool}
+    for name, widget in mapping.items():
+        kind, annotations, _ = module.NNUNetCAMParameterNode.allParameters[name]
+        assert needs[type(widget).__name__](kind, annotations), (name, type(widget).__name__, kind, annotations)
+
+
+def test_install_hands_torch_to_the_pytorch_extension_and_the_rest_to_pip(app, scene, monkeypatch):
+    module = load_module()
+    widget = open_panel(module)
+    monkeypatch.setattr(module, 'missing_requirements', lambda file: ['torch>=2.1', 'torchvision>=0.16', 'nnunetv2>=2.5'])
+    torch = []
+
+    class PyTorchUtilsLogic:  # the signature in SlicerPyTorch's PyTorchUtils.py
+        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+                         torchvisionVersionRequirement=None):
+            torch.append((askConfirmation, torchVersionRequirement, torchvisionVersionRequirement))
+    monkeypatch.setitem(sys.modules, 'PyTorchUtils', types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    assert widget.onInstall()
+    assert torch == [(False, '>=2.1', '>=0.16')]
+    (_, pip), = app.dialogs
+    assert pip[0] == '-c' and pip[2:] == ['nnunetv2>=2.5']
+    # a wait cursor only where pip_install shows no progress dialog of its own (up to 5.10)
+    assert app.waitCursors == (1 if app.version == '5.8' else 0)
+    # a pip failure: after 5.10 Slicer has shown it with pip's log, so the module adds no second dialog
+    app.pipError = subprocess.CalledProcessError(1, ['PythonSlicer', '-m', 'pip'])
+    app.dialogs.clear()
+    assert not widget.onInstall()
+    assert [kind for kind, _ in app.dialogs].count('error') == (1 if app.version == '5.8' else 0)
+    # a torch failure is the module's to show, in one line that names the fix
+
+    def fails(self, **kwargs):
+        raise subprocess.CalledProcessError(1, ['PythonSlicer', '-m', 'light_the_torch'])
+    monkeypatch.setattr(PyTorchUtilsLogic, 'installTorch', fails)
+    app.dialogs.clear()
+    assert not widget.onInstall()
+    (kind, text), = app.dialogs
+    assert kind == 'error' and 'PyTorch Utils module' in text and '\n' not in text
+
+
+def test_self_test_reports_a_missing_python_instead_of_skipping(app, scene, tmp_path):
+    """Reload and Test calls runTest() directly, where a skipped test shows as a failure."""
+    module = load_module()
+    app.settings[module.PYTHON_SETTING] = str(tmp_path / 'no such env' / 'python')
+    try:
+        module.NNUNetCAMTest().runTest()
+    except unittest.SkipTest as e:
+        pytest.fail(f'skipTest({e}) shows as a failed test in Slicer')
+    (kind, text), = app.dialogs
+    assert kind == 'delay' and text.startswith('Test not run: ') and 'does not exist' in text
+
+
+def test_self_test_runs_in_the_app_and_keeps_it_responsive(monkeypatch, scene, tmp_path, model3d):
+    """In Slicer's own Python, with a temporary folder whose path has a space; events are processed throughout."""
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    load_module().NNUNetCAMTest().runTest()
+    assert app.dialogs[-1] == ('delay', 'Test passed') and app.events > 20
+
+
 # --- static checks of the module's files ---
 def test_every_widget_the_module_uses_is_in_the_ui_file():
     import xml.etree.ElementTree as ET
@@ -386,31 +556,10 @@ def test_every_widget_the_module_uses_is_in_the_ui_file():
     assert used and not used - set(declared), f'not in NNUNetCAM.ui: {sorted(used - set(declared))}'
     custom = {e.findtext('class') for e in ui.iter('customwidget')}
     assert {e.get('class') for e in ui.iter('widget') if not e.get('class').startswith('Q')} <= custom
-
-
-def test_parameter_node_fields_suit_their_widgets():
-    """What Slicer's parameterNodeWrapper connectors demand: a QComboBox needs a Choice annotation, a
-    ctkSliderWidget a WithinRange, a node combo box a node type; every connected field exists."""
-    import ast
-    import xml.etree.ElementTree as ET
-    source = (MODULE / 'NNUNetCAM.py').read_text()
-    cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == 'NNUNetCAMParameterNode')
-    fields = {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
-    ui = ET.parse(MODULE / 'Resources' / 'UI' / 'NNUNetCAM.ui').getroot()
-    widget_class = {e.get('name'): e.get('class') for e in ui.iter('widget')}
-    connected = re.findall(r"'(\w+)': self\.ui\.(\w+)", source.split('node.connectGui(')[1].split('})')[0])
-    assert len(connected) >= 10
-    for field, widget in connected:
-        assert field in fields, field
-        kind, annotation = widget_class[widget], fields[field]
-        if kind == 'QComboBox':
-            assert 'Choice(' in annotation, (field, annotation)
-        elif kind == 'ctkSliderWidget':
-            assert annotation.startswith('Annotated[float') and 'WithinRange(' in annotation, (field, annotation)
-        elif kind == 'qMRMLNodeComboBox':
-            assert annotation.startswith('slicer.vtkMRML'), (field, annotation)
-        else:
-            assert (kind, annotation) in {('QCheckBox', 'bool')}, (field, kind, annotation)
+    # Qt Designer keeps children only in a custom widget declared a container
+    containers = {e.findtext('class') for e in ui.iter('customwidget') if e.findtext('container') == '1'}
+    parents = {e.get('class') for e in ui.iter('widget') if e.get('class') in custom and e.find('.//widget') is not None}
+    assert parents <= containers, f'not declared <container>1</container>: {sorted(parents - containers)}'
 
 
 def test_lib_imports_without_qt_ctk_or_the_app(model3d):

@@ -106,6 +106,15 @@ def missing_requirements(requirements_file: Path) -> List[str]:
     return missing
 
 
+def torch_install_arguments(lines: List[str]) -> dict:
+    """The version specifiers of torch and torchvision among requirement lines, as the keyword arguments of the
+    PyTorch extension's PyTorchUtilsLogic.installTorch (which installs both)."""
+    from packaging.requirements import Requirement
+    specifiers = {r.name.lower(): str(r.specifier) or None for r in map(Requirement, lines)}
+    return {'torchVersionRequirement': specifiers.get('torch'),
+            'torchvisionVersionRequirement': specifiers.get('torchvision')}
+
+
 def install_requirements(missing: List[str], pip_install: Callable[[List[str]], None],
                          install_torch: Optional[Callable[[List[str]], None]] = None,
                          log: Callable[[str], None] = print) -> None:
@@ -121,7 +130,11 @@ def install_requirements(missing: List[str], pip_install: Callable[[List[str]], 
                            f'pick your own Python environment instead')
     if torch_lines and install_torch is not None:
         log(f'installing {" ".join(torch_lines)} with the PyTorch extension')
-        install_torch(torch_lines)
+        try:
+            install_torch(torch_lines)
+        except Exception as e:
+            raise RuntimeError(f'the PyTorch extension could not install {" ".join(torch_lines)} ({e}); install '
+                               f'them in its PyTorch Utils module, then try again') from e
     else:
         rest = torch_lines + rest
     if not rest:
