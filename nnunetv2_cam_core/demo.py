@@ -18,16 +18,34 @@ DATASET_ID = 987
 DATASET_NAME = f'Dataset{DATASET_ID:03d}_TinyCAM'
 LABELS = {'background': 0, 'lesion': 1, 'organ': 2}
 RESENC_PLANS = 'nnUNetResEncUNetMPlans'
-BUILD_VERSION = 6  # bump when the synthetic data or training recipe changes
+BUILD_VERSION = 7  # bump when the synthetic data or training recipe changes
 # anisotropic, rotated, offset: geometry that exposes any axis or direction mix-up
 SPACING = (0.9, 0.9, 2.0)
 DIRECTION = (0.9396926, -0.3420201, 0.0, 0.3420201, 0.9396926, 0.0, 0.0, 0.0, 1.0)
 ORIGIN = (-31.5, 12.25, 40.0)
 
 
+def build_seed() -> int:
+    """NNUNETCAM_TINY_SEED (default 0) seeds the synthetic data and the training: another seed, other models."""
+    return int(os.environ.get('NNUNETCAM_TINY_SEED', '0'))
+
+
 def default_cache() -> Path:
-    root = os.environ.get('NNUNETCAM_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'nnunetcam'))
-    return Path(root) / f'tiny-models-nnunetv2-{version("nnunetv2")}-v{BUILD_VERSION}'
+    """NNUNETCAM_MODEL_CACHE, else NNUNETCAM_CACHE (which also holds the venv), else ~/.cache/nnunetcam."""
+    root = os.environ.get('NNUNETCAM_MODEL_CACHE') or os.environ.get(
+        'NNUNETCAM_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'nnunetcam'))
+    return Path(root) / f'tiny-models-nnunetv2-{version("nnunetv2")}-v{BUILD_VERSION}-seed{build_seed()}'
+
+
+def _seed_everything(seed: int) -> None:
+    """Python, numpy and torch generators (nnU-Net's sampling and augmentation draw from the global ones), and
+    torch's deterministic kernels where it has them."""
+    import random
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def synthetic_case(rng: np.random.Generator, shape=(20, 40, 40), spacing=SPACING, objects: int = 1,
@@ -88,9 +106,10 @@ def write_sample_case(folder: Path, seed: int = 123, shape=(36, 72, 72), spacing
     return path
 
 
-def _train(configuration: str, fold: int, epochs: int = 12):
+def _train(configuration: str, fold: int, seed: int, epochs: int = 12):
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
+    _seed_everything(seed)
     trainer = get_trainer_from_args(DATASET_NAME, configuration, fold, device=torch.device('cpu'))
     # nnU-Net's own trainer, just far fewer iterations
     trainer.num_epochs = epochs
@@ -99,12 +118,13 @@ def _train(configuration: str, fold: int, epochs: int = 12):
     trainer.run_training()
 
 
-def _untrained_resenc():
+def _untrained_resenc(seed: int):
     """A ResidualEncoderUNet model folder from nnU-Net's ResEnc M planner, with its initial weights (layer names
     and the CAM path are what it tests; no training)."""
     import torch
     from batchgenerators.utilities.file_and_folder_operations import join, save_json
     from nnunetv2.run.run_training import get_trainer_from_args
+    _seed_everything(seed)
     trainer = get_trainer_from_args(DATASET_NAME, '3d_fullres', 0, plans_identifier=RESENC_PLANS,
                                     device=torch.device('cpu'))
     trainer.initialize()
@@ -116,11 +136,12 @@ def _untrained_resenc():
 
 def build_tiny_models(root: Path, n_train: int = 6) -> Path:
     """Dataset + plans + preprocessing + training for 2d (fold 0) and 3d_fullres (folds 0, 1), plus an untrained
-    ResEnc M 3d_fullres model. Returns the nnUNet_results folder."""
+    ResEnc M 3d_fullres model, all seeded. Returns the nnUNet_results folder."""
     results = root / 'nnUNet_results'
     done = root / 'BUILT'
     if done.is_file():
         return results
+    seed = build_seed()
     tmp = Path(tempfile.mkdtemp(prefix='.building-', dir=root.parent if root.parent.exists() else None))
     try:
         os.environ.update(nnUNet_raw=str(tmp / 'nnUNet_raw'), nnUNet_preprocessed=str(tmp / 'nnUNet_preprocessed'),
@@ -129,7 +150,7 @@ def build_tiny_models(root: Path, n_train: int = 6) -> Path:
         raw = tmp / 'nnUNet_raw' / DATASET_NAME
         (raw / 'imagesTr').mkdir(parents=True)
         (raw / 'labelsTr').mkdir()
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(seed)
         for i in range(n_train):
             # mixed sizes: the larger cases give training patches without the zero border in view, as in big cases
             small = i % 2 == 1
@@ -147,10 +168,12 @@ def build_tiny_models(root: Path, n_train: int = 6) -> Path:
         plan_experiments([DATASET_ID], 'nnUNetPlannerResEncM')
         preprocess([DATASET_ID], configurations=('2d', '3d_fullres'), num_processes=(1, 1), show_progress_bar=False)
         os.environ['nnUNet_n_proc_DA'] = '0'  # augment in-process: no worker pool on a 2-core machine
-        _train('3d_fullres', 0)
-        _train('3d_fullres', 1)
-        _train('2d', 0, epochs=30)
-        _untrained_resenc()
+        _train('3d_fullres', 0, seed)
+        _train('3d_fullres', 1, seed + 1)
+        _train('2d', 0, seed + 2, epochs=30)
+        _untrained_resenc(seed + 3)
+        import torch
+        torch.use_deterministic_algorithms(False)  # the demo's own CAM run goes on in this process
         root.mkdir(parents=True, exist_ok=True)
         if results.exists():
             shutil.rmtree(results)
