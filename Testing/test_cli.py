@@ -45,3 +45,28 @@ def test_check_env():
 def test_missing_input_is_usage_error():
     p = cli('-o', 'x')
     assert p.returncode == 2 and p.stderr.strip().startswith('error: ') and '-i INPUT' in p.stderr
+
+
+def test_compiled_model_loads_into_plain_networks(model3d, small_case, monkeypatch):
+    """nnUNet_compile=1: nnU-Net hands back a torch.compile wrapper (its state-dict keys and layer names carry
+    `_orig_mod.`). Each fold loads into the plain module, layer names work with or without the prefix, and
+    --list-layers lists plain names."""
+    import os
+    import torch
+    from torch._dynamo.eval_frame import OptimizedModule
+    from nnunetv2_cam_core.api import CamEngine
+    from nnunetv2_cam_core.model import load_predictor
+    monkeypatch.setenv('nnUNet_compile', '1')
+    pred = load_predictor(model3d, [0, 1], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=False)
+    assert isinstance(pred.network, OptimizedModule)
+    engine = CamEngine(pred, target_layer=['_orig_mod.decoder.stages.0', 'bottleneck'], target_region='all')
+    assert engine.layers[0] == 'decoder.stages.0' and not engine.layers[1].startswith('_orig_mod')
+    assert not any(isinstance(n, OptimizedModule) for n in engine.networks)
+    data, props, _, _ = engine.preprocess([str(small_case)])
+    res = engine.run(data, props)
+    assert np.isfinite(res.cams['lesion']).all() and res.cams['lesion'].max() == 1
+    p = subprocess.run([sys.executable, '-m', 'nnunetv2_cam_core', '--list-layers', '-m', str(model3d), '-device', 'cpu',
+                        '--progress', 'json'], capture_output=True, text=True, env={**os.environ, 'nnUNet_compile': '1'})
+    assert p.returncode == 0, p.stderr[-2000:]
+    names = [r['name'] for r in json.loads(p.stdout)]
+    assert 'decoder.stages.0' in names and not any(n.startswith('_orig_mod') for n in names)

@@ -113,9 +113,10 @@ def _load(args):
 def _list_layers(args, as_json: bool, out) -> None:
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from .layers import list_layers
+    from .model import plain_network
     *_, pred = _load(args)
     n_in = determine_num_input_channels(pred.plans_manager, pred.configuration_manager, pred.dataset_json)
-    rows = list_layers(pred.network.to(pred.device).eval(), pred.configuration_manager.patch_size, n_in, pred.device)
+    rows = list_layers(plain_network(pred).to(pred.device).eval(), pred.configuration_manager.patch_size, n_in, pred.device)
     if as_json:
         print(json.dumps(rows), file=out)
         return

@@ -24,6 +24,7 @@ def resolve_layers(network: nn.Module, names: Sequence[str]) -> List[str]:
         return [bottleneck(network)]
     out = []
     for name in names:
+        name = name.removeprefix('_orig_mod.')  # as a compiled network names it
         key = {'bottleneck': bottleneck(network), 'last_decoder': decoder_stages(network)[-1]}.get(name, name)
         if key not in modules or not key:
             close = difflib.get_close_matches(key, [m for m in modules if m], n=5, cutoff=0.5)

@@ -145,12 +145,18 @@ def load_predictor(folder: Path, folds: Sequence, checkpoint: str, device: 'torc
     return predictor
 
 
+def plain_network(predictor):
+    """The predictor's network without torch.compile's wrapper (nnUNet_compile=1): plain state-dict keys and layer
+    names, and no compilation of our hooked copies."""
+    return getattr(predictor.network, '_orig_mod', predictor.network)
+
+
 def fold_networks(predictor) -> list:
     """One inference copy of the network per fold: eval, no parameter gradients, no in-place activations (so the
     captured target-layer outputs stay intact), on the predictor's device. The predictor's own network is untouched."""
     nets = []
     for params in predictor.list_of_parameters:
-        net = copy.deepcopy(predictor.network)
+        net = copy.deepcopy(plain_network(predictor))
         net.load_state_dict(params)
         net.eval().requires_grad_(False)
         for m in net.modules():
