@@ -1,6 +1,7 @@
 """Real tiny nnU-Net models, trained once with nnU-Net's own planner and trainer and cached per nnunetv2 version."""
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +52,79 @@ def run_cli(args, capsys=None):
     return rc
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else 2.0 * np.logical_and(a, b).sum() / s
-
-
 def read(path) -> sitk.Image:
     return sitk.ReadImage(str(path))
 
 
 def geometry(img: sitk.Image):
     return img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+
+
+HALF_ROUNDOFF = 2.0 ** -11  # float16's unit roundoff: nnU-Net accumulates tile logits in float16
+
+
+@dataclass
+class LogitsPair:
+    """One preprocessed case through the engine (float32 accumulation) and through nnU-Net's own
+    predict_logits_from_preprocessed_data (float16 accumulation), same folds, mirroring and step."""
+    predictor: object
+    data: torch.Tensor  # preprocessed
+    properties: dict
+    ours: torch.Tensor
+    nnunet: torch.Tensor
+    overlap: int  # the most tiles that cover one voxel
+
+    @property
+    def difference(self) -> float:
+        return float((self.ours - self.nnunet).abs().max())
+
+    @property
+    def rounding_bound(self) -> float:
+        """What float16 accumulation can change a logit by: per fold, T rounded sums of g*l and of g (each off by at
+        most u times the sum) and one rounded quotient, (2T + 1) u max|l|; then the fold sum and mean, 3 u max|l|.
+        Doubled, since a tile's own logits can exceed the stitched ones in magnitude."""
+        return 2 * (2 * self.overlap + 4) * HALF_ROUNDOFF * float(self.ours.abs().max())
+
+    def segmentations(self):
+        """(ours, nnU-Net's, nnU-Net's probabilities), exported by nnU-Net's own function, original geometry."""
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+        p = self.predictor
+        args = (p.plans_manager, p.configuration_manager, p.label_manager, self.properties)
+        ours = convert_predicted_logits_to_segmentation_with_correct_shape(self.ours, *args)
+        theirs, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+            self.nnunet, *args, return_probabilities=True)
+        return ours, theirs, probabilities
+
+
+def logits_pair(model: Path, folds, case: Path, tta: bool = False) -> LogitsPair:
+    from nnunetv2_cam_core.api import CamEngine
+    from nnunetv2_cam_core.model import load_predictor
+    from nnunetv2_cam_core.sliding_window import CamSpec, sliding_window_cam
+    pred = load_predictor(model, folds, 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=tta)
+    engine = CamEngine(pred)
+    data, props, _, _ = engine.preprocess([str(case)])
+    ours = sliding_window_cam(pred, engine.networks, data, CamSpec(engine.method, engine.layers, engine.targets))
+    nnunet = pred.predict_logits_from_preprocessed_data(data).float()
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    padded = pad_nd_image(data, pred.configuration_manager.patch_size, 'constant', {'value': 0}, False, None)
+    count = torch.zeros(padded.shape[1:], dtype=torch.int32)
+    for sl in pred._internal_get_sliding_window_slicers(padded.shape[1:]):
+        count[sl[1:]] += 1
+    return LogitsPair(pred, data, props, ours.logits, nnunet, int(count.max()))
+
+
+def assert_equals_nnunet(ours: np.ndarray, theirs: np.ndarray, pair: LogitsPair, max_fraction: float = 1e-3):
+    """What 'equal to nnUNetv2_predict' means: our logits differ from nnU-Net's by no more than its float16
+    accumulation can explain, so every voxel whose label differs is a near tie in nnU-Net's own output (its top-two
+    probabilities closer than e^(2 eps) - 1), and such voxels are a tiny fraction of the case."""
+    eps = pair.difference
+    assert eps <= pair.rounding_bound, f'logits differ by {eps:.4g}, more than float16 rounding ({pair.rounding_bound:.4g})'
+    assert ours.shape == theirs.shape
+    differ = ours != theirs
+    if differ.any():
+        _, _, probabilities = pair.segmentations()
+        top2 = np.sort(np.asarray(probabilities, dtype=np.float64), axis=0)[-2:]
+        margin = float((top2[1] - top2[0])[differ].max())
+        assert margin <= np.expm1(2 * eps) + 1e-6, f'a differing voxel is no near tie: margin {margin:.4g}'
+    assert differ.mean() <= max_fraction, f'{differ.sum()} voxels differ ({differ.mean():.2%})'
+    return int(differ.sum()), eps

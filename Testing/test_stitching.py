@@ -1,10 +1,8 @@
 """Stitching: no tile seams, tiling invariance, fold averaging, TTA symmetry, classes sharing a forward pass."""
-import json
-import os
-
 import numpy as np
 import pytest
 import torch
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from scipy import ndimage
 
 from nnunetv2_cam_core.api import CamEngine
@@ -74,41 +72,68 @@ def test_seam_score_detects_seams(setup):
     assert seam_score(cam, slicers) > 1.2
 
 
-def invariance(pred, nets, data, engine, method, pooling):
-    """Pearson r of the raw CAM inside the dilated target region between two tile layouts (step 0.5 and 0.33)."""
+def tile_made(cam: np.ndarray, slicers, patch) -> np.ndarray:
+    """A map made tile by tile: every other tile's part raised by half the maximum (a per-tile baseline, as per-tile
+    normalisation leaves one), then blended with nnU-Net's gaussian."""
+    g = compute_gaussian(tuple(patch), sigma_scale=1. / 8, value_scaling_factor=10, device=torch.device('cpu'))
+    g = g.float().numpy()
+    out, weight = np.zeros_like(cam), np.zeros_like(cam)
+    for t, sl in enumerate(slicers):
+        out[sl[1:]] += g * (cam[sl[1:]] + (t % 2) * 0.5 * cam.max())
+        weight[sl[1:]] += g
+    return out / weight
+
+
+def two_layouts(pred, nets, data, spec, steps=(0.5, 0.33)):
+    """The same raw map at two sliding-window step sizes, each with its slicers, and the predicted target mask."""
     maps = []
-    for step in (0.5, 0.33):
+    for step in steps:
         pred.tile_step_size = step
-        out = sliding_window_cam(pred, nets[:1], data, CamSpec(get_method(method), engine.layers,
-                                                               engine.targets[:1], pooling))
-        maps.append(out.cams[0, 0].numpy())
-        region = predicted_mask(out.logits, engine.targets[:1], False)[0].numpy()
+        out = sliding_window_cam(pred, nets[:1], data, spec)
+        maps.append((out.cams[0, 0].numpy(), pred._internal_get_sliding_window_slicers(data.shape[1:])))
     pred.tile_step_size = 0.5
-    region = ndimage.binary_dilation(region, iterations=2)
-    return float(np.corrcoef(maps[0][region], maps[1][region])[0, 1])
+    return maps, predicted_mask(out.logits, spec.targets, False)[0].numpy()
 
 
-def test_tiling_invariance_default_pooling_wins(setup):
-    """Per pooled method, the default pooling is at least as tiling-invariant as the alternative (whole case)."""
+def pearson(a, b, region) -> float:
+    return float(np.corrcoef(a[region], b[region])[0, 1])
+
+
+def test_tiling_invariance_beats_tile_made_maps(setup):
+    """A map of the model, not of the tiling: at the last decoder stage the element-wise map of two tile layouts
+    (step 0.5 and 0.33) agrees inside the dilated target (1 - r under 0.02), and the same maps with a per-tile
+    baseline disagree at least five times as much. Which pooling is more invariant at the bottleneck depends on how
+    a tiny model trained, so no test asserts it: benchmarks/tiling_invariance.py reports it."""
     pred, engine, nets, data = setup
-    rows = {}
-    for method in ('gradcam', 'eigengradcam', 'hirescam'):
-        m = get_method(method)
-        for pooling in (('tile', 'volume') if m.pooled else (None,)):
-            rows[(method, pooling)] = invariance(pred, nets, data, engine, method, pooling)
-    print('\ntiling invariance (Pearson r, step 0.5 vs 0.33, inside the dilated target):')
-    for (method, pooling), v in rows.items():
-        print(f'  {method:14s} {pooling or "-":8s} {v:.4f}')
-    report = os.environ.get('NNUNETCAM_INVARIANCE_REPORT')
-    if report:
-        with open(report, 'w') as f:
-            json.dump({f'{m} {p or ""}'.strip(): v for (m, p), v in rows.items()}, f, indent=2)
-    for method in ('gradcam', 'eigengradcam'):
-        default = get_method(method).default_pooling
-        other = 'volume' if default == 'tile' else 'tile'
-        assert rows[(method, default)] >= rows[(method, other)], (method, rows)
-    # the toy model's bottleneck is not where its decision lives, so maps are noisy; still clearly correlated
-    assert rows[('gradcam', 'tile')] > 0.5 and rows[('eigengradcam', 'volume')] > 0.5 and rows[('hirescam', None)] > 0.5
+    last = len(nets[0].decoder.stages) - 1
+    spec = CamSpec(get_method('hirescam'), [f'decoder.stages.{last}'], engine.targets[:1])
+    ((a, sl_a), (b, sl_b)), target = two_layouts(pred, nets, data, spec)
+    region = ndimage.binary_dilation(target, iterations=2)
+    patch = [int(p) for p in pred.configuration_manager.patch_size]
+    engine_r = pearson(a, b, region)
+    tile_made_r = pearson(tile_made(a, sl_a, patch), tile_made(b, sl_b, patch), region)
+    print(f'\ntiling invariance, hirescam last decoder: engine r={engine_r:.4f}, tile-made r={tile_made_r:.4f}')
+    assert engine_r >= 0.98 and 1 - tile_made_r >= 5 * (1 - engine_r), (engine_r, tile_made_r)
+
+
+def test_last_decoder_hirescam_is_the_stitched_logit(setup):
+    """At the last decoder stage (a 1x1 convolution follows), the hirescam map over all voxels is
+    ReLU(logit - bias) per tile; blended once with nnU-Net's gaussian share, it is ReLU(stitched logit - bias)
+    wherever the tiles agree on the sign. The ratio is flat across tile positions: no share counted twice."""
+    pred, engine, nets, data = setup
+    net = nets[0]
+    last = len(net.decoder.stages) - 1
+    target = engine.targets[0]
+    small = crop(data, (24, 64, 144))
+    out = sliding_window_cam(pred, [net], small, CamSpec(get_method('hirescam'), [f'decoder.stages.{last}'],
+                                                         [target], region='all'))
+    assert out.n_tiles > 2
+    bias = float(net.decoder.seg_layers[last].bias[target.channel])
+    ref = (out.logits[target.channel] - bias).clamp(min=0).numpy()
+    inside = ref > 0.2 * ref.max()
+    ratio = out.cams[0, 0].numpy()[inside] / ref[inside]
+    lo, hi = np.percentile(ratio, [1, 99])
+    assert 0.97 <= lo and hi <= 1.03, (lo, hi)
 
 
 def test_two_fold_cam_is_mean_of_single_folds(setup):
@@ -167,3 +192,35 @@ def test_low_memory_gives_the_same_maps(model3d, setup, method):
     assert joint.n_tiles > 1 and joint.cams.abs().max() > 0
     assert torch.equal(joint.logits, low.logits)
     assert torch.allclose(joint.cams, low.cams, rtol=1e-4, atol=1e-5 * float(joint.cams.abs().max()))
+
+
+@pytest.mark.parametrize('method', ['gradcam', 'eigengradcam'])  # tile pooling; volume pooling (kept activations)
+def test_out_of_memory_retry_frees_the_first_attempt(setup, monkeypatch, method):
+    """A simulated out-of-memory error at the second tile: the first attempt's result arrays are freed before the
+    retry (nothing holds them, not even the traceback), progress never runs backwards, and the maps equal a
+    --low-memory run."""
+    import sys
+    import weakref
+    from nnunetv2_cam_core.sliding_window import _SlidingWindowRun
+    pred, engine, nets, data = setup
+    small = crop(data, (20, 48, 72))  # two tiles
+    spec = CamSpec(get_method(method), engine.layers, engine.targets)
+    original, seen = _SlidingWindowRun._tile, {}
+
+    def tile(self, k, *args):
+        if not self.low_memory and k == 1:
+            arrays = sys._getframe(1).f_locals
+            seen['refs'] = [weakref.ref(arrays[n]) for n in ('logits', 'cams', 'weight_sum')]
+            raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
+        if self.low_memory and k == 0:
+            seen['alive'] = [r() is not None for r in seen['refs']]
+        return original(self, k, *args)
+    monkeypatch.setattr(_SlidingWindowRun, '_tile', tile)
+    ticks = []
+    out = sliding_window_cam(pred, nets[:1], small, spec, on_tile=lambda k, n: ticks.append(k))
+    monkeypatch.undo()
+    assert seen['alive'] == [False, False, False]
+    assert out.low_memory and ticks == [1, 2]
+    spec.low_memory = True
+    low = sliding_window_cam(pred, nets[:1], small, spec)
+    assert torch.equal(out.logits, low.logits) and torch.equal(out.cams, low.cams)

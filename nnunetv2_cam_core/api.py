@@ -70,10 +70,11 @@ class CamEngine:
         image = data[0].copy()
         seg = None
         if target_mask is not None:
-            seg = (read_label(rw, target_mask, props, data.shape[1:], 'target mask') > 0).astype(np.int8)
-            if not seg.any():
+            region = read_label(rw, target_mask, props, data.shape[1:], 'target mask') > 0
+            if not region.any():
                 raise UsageError(f'target mask {target_mask} is empty; draw the region as nonzero voxels')
         elif prev_stage is not None:
+            # as nnU-Net's cascade: the previous stage goes through the preprocessor as the segmentation
             seg = read_label(rw, prev_stage, props, data.shape[1:], 'previous-stage segmentation')
         pre = cm.preprocessor_class(verbose=False)
         data, seg, props = pre.run_case_npy(data, seg, props, pm, cm, p.dataset_json)
@@ -83,8 +84,19 @@ class CamEngine:
             onehot = convert_labelmap_to_one_hot(seg[0], p.label_manager.foreground_labels, data.dtype)
             data = np.vstack((data, onehot))
         elif target_mask is not None:
-            mask = torch.from_numpy(seg[0] > 0)
+            mask = torch.from_numpy(self._to_preprocessed(region, props, data.shape[1:]))
         return torch.from_numpy(data), props, mask, image
+
+    def _to_preprocessed(self, region: np.ndarray, props: dict, shape) -> np.ndarray:
+        """A mask (1, *image) into preprocessed space apart from the image, so that it cannot change the image's
+        normalisation (use_mask_for_norm counts a segmentation's voxels): nnU-Net's transpose, crop box and
+        segmentation resampling."""
+        pm, cm = self.predictor.plans_manager, self.predictor.configuration_manager
+        m = region.astype(np.int8).transpose([0, *[i + 1 for i in pm.transpose_forward]])
+        m = m[(slice(None), *[slice(lo, hi) for lo, hi in props['bbox_used_for_cropping']])]
+        spacing = [props['spacing'][i] for i in pm.transpose_forward]
+        target = cm.spacing if len(cm.spacing) == len(spacing) else [spacing[0], *cm.spacing]
+        return cm.resampling_fn_seg(m, shape, spacing, target)[0] > 0
 
     def run(self, data: torch.Tensor, properties: dict, mask: Optional[torch.Tensor] = None,
             on_tile: Optional[Callable[[int, int], None]] = None) -> CaseResult:
@@ -115,7 +127,7 @@ class CamEngine:
                              'raw_max': peak, 'energy_in_predicted_mask': inside,
                              'predicted_voxels': int((seg == t.label).sum()),
                              'tile_mask_disagreement': out.tile_mask_disagreement[i]}
-        info = {'tiles': out.n_tiles, 'classes': stats,
+        info = {'tiles': out.n_tiles, 'classes': stats, 'low_memory': out.low_memory,
                 'timings_s': {'sliding_window': round(t1 - t0, 3), 'export': round(t2 - t1, 3)}}
         return CaseResult(seg, cams, raws, info)
 
@@ -187,6 +199,9 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
         progress.stage('tiles', case)
         res = engine.run(data, props, mask, on_tile=progress.tiles)
         progress.stage('export', case)
+        if res.info['low_memory'] and not engine.low_memory:
+            progress.emit('warning', message=f'{case}: the device ran out of memory; finished in low-memory mode '
+                                             f'(result arrays on the CPU, one forward graph at a time)')
         for name, st in res.info['classes'].items():
             if st['raw_max'] == 0:
                 progress.emit('warning', message=f'{case}: target {name!r} is absent (no voxels predicted as it, or '
@@ -214,7 +229,7 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
                        'layers': engine.layers, 'pooling': engine.pooling if engine.method.pooled else None,
                        'target_region': 'mask' if target_mask else engine.region, 'target_mask': target_mask,
                        'tta': bool(p.use_mirroring and p.allowed_mirroring_axes), 'step_size': p.tile_step_size,
-                       'low_memory': engine.low_memory,
+                       'low_memory': res.info['low_memory'],
                        'device': str(p.device), 'tiles': res.info['tiles'], 'timings_s': timings,
                        'segmentation': case + ending, 'cams': files_by_class, 'classes': res.info['classes'],
                        'versions': _versions()}

@@ -1,11 +1,10 @@
 """Segmentation logits and CAMs from one forward and one partial backward per tile.
 
 Tiles, padding, step size, gaussian weighting, mirroring and fold averaging are nnU-Net's own (`nnUNetPredictor`,
-`compute_gaussian`, `pad_nd_image`). nnU-Net blends tile logits as sum(g * l) / sum(g); tile maps are blended the
-same way, so they fade out towards tile borders and leave no seams.
-Element-wise methods and volume pooling explain the stitched score itself: each tile's backward starts from its
-exact share of it, mask * g / sum(g) (volume pooling then pools the channel statistics over all tiles). With
---pooling tile the channel weights describe the tile's own target (the mask alone), then the maps are blended.
+`compute_gaussian`, `pad_nd_image`). Each tile's backward starts from its own target (the mask alone), and its map
+is blended exactly as nnU-Net blends tile logits, sum(g * map) / sum(g): one gaussian share per voxel, so maps fade
+out towards tile borders and leave no seams. Volume pooling pools the channel statistics of every tile's own target
+over all tiles, then blends the same way.
 The target mask of a tile is the ensemble (folds x mirrors) prediction for that tile; where overlapping tiles
 disagree about a voxel, the fraction is reported as `tile_mask_disagreement`.
 """
@@ -45,6 +44,7 @@ class CamOutput:
     cams: torch.Tensor    # (n_targets, n_layers, *shape) float32, raw (not normalised)
     n_tiles: int
     tile_mask_disagreement: List[float]
+    low_memory: bool = False  # also True after an out-of-memory retry
 
 
 def mirror_combinations(predictor) -> List[tuple]:
@@ -65,24 +65,33 @@ def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: tor
     if spec.mask is not None:
         mask = pad_nd_image(spec.mask[None].to(torch.uint8), patch, 'constant', {'value': 0}, True, None)[0][0] > 0
     slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
-    device = predictor.device
+    device = results_device = predictor.device
     run = _SlidingWindowRun(predictor, networks, padded, mask, slicers, spec, on_tile, spec.low_memory)
     with torch.autocast(device.type) if device.type == 'cuda' else contextlib.nullcontext():
-        if device.type == 'cuda':
+        while True:
             try:
-                out = run(results_device=device)
-            except torch.OutOfMemoryError:
-                # as nnU-Net: keep the network on the GPU, move the result arrays to the CPU; and keep one
-                # forward graph alive at a time
-                empty_cache(device)
-                run.low_memory = True
-                out = run(results_device=torch.device('cpu'))
-        else:
-            out = run(results_device=device)
+                out = run(results_device)
+                break
+            except RuntimeError as e:
+                if not is_out_of_memory(e) or (run.low_memory and results_device.type == 'cpu'):
+                    raise
+            # out of the except block, so the traceback no longer holds the failed attempt's tensors; then, as
+            # nnU-Net, result arrays on the CPU, and one forward graph alive at a time
+            run.act_store, run.grad_store = {}, {}
+            empty_cache(device)
+            run.low_memory, results_device = True, torch.device('cpu')
+        out.low_memory = run.low_memory
     keep = tuple(revert[1:])
     out.logits = out.logits[(slice(None), *keep)].cpu()
     out.cams = out.cams[(slice(None), slice(None), *keep)].cpu()
     return out
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's out-of-memory error, and the allocation failures cuDNN, cuBLAS or the CPU allocator report as a
+    plain RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or any(
+        s in str(e) for s in ('out of memory', 'ALLOC_FAILED', "can't allocate memory"))
 
 
 def upsample(feature_map: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -111,10 +120,11 @@ class _SlidingWindowRun:
         self.mirrors = mirror_combinations(predictor)
         self.patch = [int(p) for p in predictor.configuration_manager.patch_size]
         self.volume_pooling = spec.method.pooled and (spec.pooling or spec.method.default_pooling) == 'volume'
-        self.share_upstream = self.volume_pooling or not spec.method.pooled
+        self.reported = 0  # tiles reported to on_tile: a retry after out-of-memory does not run progress backwards
 
     def __call__(self, results_device: torch.device) -> CamOutput:
         p, spec = self.predictor, self.spec
+        self.results_device = results_device
         shape = self.padded.shape[1:]
         gaussian = compute_gaussian(tuple(self.patch), sigma_scale=1. / 8, value_scaling_factor=10,
                                     device=results_device) if p.use_gaussian else \
@@ -134,12 +144,13 @@ class _SlidingWindowRun:
         try:
             for k, sl in enumerate(self.slicers):
                 share = (gaussian / weight_sum[sl[1:]]).to(p.device)
-                tile_logits, masks = self._tile(k, data[sl][None], captures, share, cams, sl, results_device)
+                tile_logits, masks = self._tile(k, data[sl][None], captures, share, cams, sl)
                 logits[sl] += tile_logits.to(results_device) * gaussian
                 if track:
                     hits[(slice(None), *sl[1:])] += masks.to(results_device)
                     coverage[sl[1:]] += 1
-                if self.on_tile:
+                if self.on_tile and k + 1 > self.reported:
+                    self.reported = k + 1
                     self.on_tile(k + 1, len(self.slicers))
         finally:
             for c in captures:
@@ -172,7 +183,7 @@ class _SlidingWindowRun:
         runs = [self._forward(net, cap, dims, x) for net, cap in zip(self.networks, captures) for dims in self.mirrors]
         return [r[0] for r in runs], [r[1] for r in runs]
 
-    def _tile(self, k, x, captures, share, cams, sl, results_device):
+    def _tile(self, k, x, captures, share, cams, sl):
         spec, method = self.spec, self.spec.method
         n = len(self.networks) * len(self.mirrors)
         # all graphs of the tile stay alive until the ensemble gives the target mask; low_memory instead recomputes
@@ -180,7 +191,7 @@ class _SlidingWindowRun:
         keep_graphs = method.uses_gradients and not self.low_memory
         with torch.enable_grad() if keep_graphs else torch.no_grad():
             outs, acts = self._forwards(x, captures)
-        tile_logits = torch.stack(outs).sum(0).float()[0] / n
+        tile_logits = torch.stack([o.float() for o in outs]).sum(0)[0] / n  # float16 under autocast: sum in float32
         region_mask = None if self.mask is None else self.mask[sl[1:]].to(tile_logits.device)
         masks = target_masks(tile_logits.detach(), spec.targets, self.predictor.label_manager.has_regions,
                              spec.region, region_mask)
@@ -190,7 +201,7 @@ class _SlidingWindowRun:
             upstreams = {}
             for i in active:
                 upstreams[i] = torch.zeros_like(tile_logits)
-                upstreams[i][spec.targets[i].channel] = masks[i] * share if self.share_upstream else masks[i]
+                upstreams[i][spec.targets[i].channel] = masks[i]
             if keep_graphs:
                 leaves = [a for per in acts for a in per]
                 for j, i in enumerate(active):
@@ -214,10 +225,10 @@ class _SlidingWindowRun:
                     G = torch.zeros_like(A) if grads[i] is None else \
                         torch.cat([grads[i][j * len(spec.layers) + l] for j in range(n)])
                 if self.volume_pooling:
-                    self.grad_store[(k, i, l)] = G
+                    self.grad_store[(k, i, l)] = None if G is None else G.to(self.results_device)
                     continue
-                raw = method.cam(A.float(), None if G is None else G.float(), tuple(range(2, A.ndim))).clamp(min=0)
-                cams[(i, l, *sl[1:])] += self._to_tile(raw, share).to(results_device)
+                raw = method(A, G, tuple(range(2, A.ndim))).clamp(min=0)
+                cams[(i, l, *sl[1:])] += self._to_tile(raw, share).to(self.results_device)
         return tile_logits, masks
 
     def _backward_one_at_a_time(self, x, captures, active, upstreams, grads) -> list:
@@ -252,7 +263,7 @@ class _SlidingWindowRun:
             if need > VOLUME_POOLING_BUDGET_BYTES:
                 raise CamError(f'--pooling volume would keep {need / 1024 ** 3:.1f} GiB of tile activations at '
                                f'this layer; use --pooling tile or a deeper --target-layer')
-        self.act_store[(k, l)] = A
+        self.act_store[(k, l)] = A.to(self.results_device)
 
     def _volume_pooled_maps(self, cams, gaussian, weight_sum):
         """One weight vector (or principal component) per target, layer and fold from all tiles and mirrors."""
@@ -266,7 +277,7 @@ class _SlidingWindowRun:
                     A = torch.cat([self.act_store[(k, l)][fold] for k in range(n_k)]).float()
                     G = torch.cat([self.grad_store[(k, i, l)][fold] for k in range(n_k)]).float() \
                         if method.uses_gradients else None
-                    per_fold.append(method.cam(A, G, (0,) + tuple(range(2, A.ndim))).clamp(min=0).split(n_m))
+                    per_fold.append(method(A, G, (0,) + tuple(range(2, A.ndim))).clamp(min=0).split(n_m))
                 for k, sl in enumerate(self.slicers):
                     raw = torch.cat([per_fold[f][k] for f in range(n_f)])
                     share = (gaussian / weight_sum[sl[1:]]).to(raw.device)
