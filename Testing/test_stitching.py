@@ -210,7 +210,7 @@ def test_out_of_memory_retry_frees_the_first_attempt(setup, monkeypatch, method)
     def tile(self, k, *args):
         if not self.low_memory and k == 1:
             arrays = sys._getframe(1).f_locals
-            seen['refs'] = [weakref.ref(arrays[n]) for n in ('logits', 'cams', 'weight_sum')]
+            seen['refs'] = [weakref.ref(arrays[n]) for n in ('logits', 'cams', 'hits')]
             raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
         if self.low_memory and k == 0:
             seen['alive'] = [r() is not None for r in seen['refs']]
@@ -224,3 +224,20 @@ def test_out_of_memory_retry_frees_the_first_attempt(setup, monkeypatch, method)
     spec.low_memory = True
     low = sliding_window_cam(pred, nets[:1], small, spec)
     assert torch.equal(out.logits, low.logits) and torch.equal(out.cams, low.cams)
+
+
+@pytest.mark.parametrize('method', ['gradcam', 'hirescam'])  # tile pooling; element-wise
+def test_region_tiles_alone_give_the_full_run_inside_the_region(setup, method):
+    """Re-predicting or re-explaining a region runs only the tiles whose box overlaps it; inside the region the
+    logits (so the probabilities and the segmentation) and the maps equal the full run's with the same mask."""
+    pred, engine, nets, data = setup
+    centre = np.unravel_index(int(torch.argmax(data[0])), data.shape[1:])  # a lesion
+    region = torch.zeros(data.shape[1:], dtype=torch.bool)
+    region[tuple(slice(max(c - 4, 0), c + 4) for c in centre)] = True
+    spec = CamSpec(get_method(method), engine.layers, engine.targets[:1], mask=region)
+    full = sliding_window_cam(pred, nets[:1], data, spec)
+    spec.only_region = region
+    part = sliding_window_cam(pred, nets[:1], data, spec)
+    assert 0 < part.n_tiles <= 8 < full.n_tiles
+    assert torch.equal(part.logits[:, region], full.logits[:, region])
+    assert full.cams[0, 0][region].max() > 0 and torch.equal(part.cams[:, :, region], full.cams[:, :, region])

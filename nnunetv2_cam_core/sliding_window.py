@@ -16,13 +16,13 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
-from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
 
 from .errors import CamError
 from .layers import LayerCapture
 from .methods import CamMethod
 from .targets import Target, predicted_mask, target_masks
+from .tile_plan import TilePlan
 
 VOLUME_POOLING_BUDGET_BYTES = 4 * 1024 ** 3
 
@@ -36,13 +36,16 @@ class CamSpec:
     region: str = 'predicted'         # 'predicted' or 'all'
     mask: Optional[torch.Tensor] = None  # bool, preprocessed space; replaces region
     low_memory: bool = False          # one forward graph alive at a time (one extra forward per tile)
+    # bool, preprocessed space: run only the tiles that overlap it. Inside it, logits and tile-pooled or
+    # element-wise maps equal a full run's; outside it they are partial
+    only_region: Optional[torch.Tensor] = None
 
 
 @dataclass
 class CamOutput:
     logits: torch.Tensor  # (heads, *shape) float32, preprocessed space
     cams: torch.Tensor    # (n_targets, n_layers, *shape) float32, raw (not normalised)
-    n_tiles: int
+    n_tiles: int                      # tiles run
     tile_mask_disagreement: List[float]
     low_memory: bool = False  # also True after an out-of-memory retry
 
@@ -61,12 +64,13 @@ def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: tor
     """data: preprocessed (C, *shape). Returns logits and raw CAMs on the CPU, in the same (preprocessed) space."""
     patch = [int(p) for p in predictor.configuration_manager.patch_size]
     padded, revert = pad_nd_image(data, patch, 'constant', {'value': 0}, True, None)
-    mask = None
-    if spec.mask is not None:
-        mask = pad_nd_image(spec.mask[None].to(torch.uint8), patch, 'constant', {'value': 0}, True, None)[0][0] > 0
-    slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
+    def pad(m):
+        return pad_nd_image(m[None].to(torch.uint8), patch, 'constant', {'value': 0}, True, None)[0][0] > 0
+    mask = None if spec.mask is None else pad(spec.mask)
     device = results_device = predictor.device
-    run = _SlidingWindowRun(predictor, networks, padded, mask, slicers, spec, on_tile, spec.low_memory)
+    plan = TilePlan.of(predictor, padded.shape[1:], device)
+    tiles = range(len(plan.slicers)) if spec.only_region is None else plan.overlapping(pad(spec.only_region))
+    run = _SlidingWindowRun(predictor, networks, padded, mask, plan, list(tiles), spec, on_tile)
     with torch.autocast(device.type) if device.type == 'cuda' else contextlib.nullcontext():
         while True:
             try:
@@ -78,8 +82,9 @@ def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: tor
             # out of the except block, so the traceback no longer holds the failed attempt's tensors; then, as
             # nnU-Net, result arrays on the CPU, and one forward graph alive at a time
             run.act_store, run.grad_store = {}, {}
-            empty_cache(device)
             run.low_memory, results_device = True, torch.device('cpu')
+            run.plan = run.plan.to(results_device)
+            empty_cache(device)
         out.low_memory = run.low_memory
     keep = tuple(revert[1:])
     out.logits = out.logits[(slice(None), *keep)].cpu()
@@ -114,9 +119,9 @@ def upsample(feature_map: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 class _SlidingWindowRun:
-    def __init__(self, predictor, networks, padded, mask, slicers, spec: CamSpec, on_tile, low_memory: bool):
+    def __init__(self, predictor, networks, padded, mask, plan: TilePlan, tiles: List[int], spec: CamSpec, on_tile):
         self.predictor, self.networks, self.padded, self.mask = predictor, networks, padded, mask
-        self.slicers, self.spec, self.on_tile, self.low_memory = slicers, spec, on_tile, low_memory
+        self.plan, self.tiles, self.spec, self.on_tile, self.low_memory = plan, tiles, spec, on_tile, spec.low_memory
         self.mirrors = mirror_combinations(predictor)
         self.patch = [int(p) for p in predictor.configuration_manager.patch_size]
         self.volume_pooling = spec.method.pooled and (spec.pooling or spec.method.default_pooling) == 'volume'
@@ -126,12 +131,7 @@ class _SlidingWindowRun:
         p, spec = self.predictor, self.spec
         self.results_device = results_device
         shape = self.padded.shape[1:]
-        gaussian = compute_gaussian(tuple(self.patch), sigma_scale=1. / 8, value_scaling_factor=10,
-                                    device=results_device) if p.use_gaussian else \
-            torch.ones(self.patch, device=results_device)
-        weight_sum = torch.zeros(shape, device=results_device)
-        for sl in self.slicers:
-            weight_sum[sl[1:]] += gaussian
+        plan = self.plan
         n_t, n_l = len(spec.targets), len(spec.layers)
         logits = torch.zeros((p.label_manager.num_segmentation_heads, *shape), device=results_device)
         cams = torch.zeros((n_t, n_l, *shape), device=results_device)
@@ -142,22 +142,22 @@ class _SlidingWindowRun:
         data = self.padded.to(p.device)
         captures = [LayerCapture(net, spec.layers) for net in self.networks]
         try:
-            for k, sl in enumerate(self.slicers):
-                share = (gaussian / weight_sum[sl[1:]]).to(p.device)
-                tile_logits, masks = self._tile(k, data[sl][None], captures, share, cams, sl)
-                logits[sl] += tile_logits.to(results_device) * gaussian
+            for j, k in enumerate(self.tiles):
+                sl = plan.slicers[k]
+                tile_logits, masks = self._tile(k, data[sl][None], captures, plan.share(k).to(p.device), cams, sl)
+                logits[sl] += tile_logits.to(results_device) * plan.gaussian
                 if track:
                     hits[(slice(None), *sl[1:])] += masks.to(results_device)
                     coverage[sl[1:]] += 1
-                if self.on_tile and k + 1 > self.reported:
-                    self.reported = k + 1
-                    self.on_tile(k + 1, len(self.slicers))
+                if self.on_tile and j + 1 > self.reported:
+                    self.reported = j + 1
+                    self.on_tile(j + 1, len(self.tiles))
         finally:
             for c in captures:
                 c.__exit__()
-        logits /= weight_sum
+        logits /= plan.weight_sum
         if self.volume_pooling:
-            self._volume_pooled_maps(cams, gaussian, weight_sum)
+            self._volume_pooled_maps(cams)
         if not spec.method.uses_gradients:
             cams[1:] = cams[0]
         disagreement = [0.0] * n_t
@@ -166,7 +166,7 @@ class _SlidingWindowRun:
             for i in range(n_t):
                 split = (final[i] & (hits[i] < coverage)) | (~final[i] & (hits[i] > 0))
                 disagreement[i] = float(split.sum()) / max(1, int(final[i].sum()))
-        return CamOutput(logits, cams, len(self.slicers), disagreement)
+        return CamOutput(logits, cams, len(self.tiles), disagreement)
 
     def _forward(self, net, cap, dims, x):
         """One forward of a tile: (output mirrored back, target-layer outputs)."""
@@ -259,27 +259,27 @@ class _SlidingWindowRun:
     def _keep_activations(self, k, l, A):
         if not self.act_store:
             factor = 1 + (len(self.spec.targets) if self.spec.method.uses_gradients else 0)
-            need = A.numel() * A.element_size() * factor * len(self.slicers) * len(self.spec.layers)
+            need = A.numel() * A.element_size() * factor * len(self.tiles) * len(self.spec.layers)
             if need > VOLUME_POOLING_BUDGET_BYTES:
                 raise CamError(f'--pooling volume would keep {need / 1024 ** 3:.1f} GiB of tile activations at '
                                f'this layer; use --pooling tile or a deeper --target-layer')
         self.act_store[(k, l)] = A.to(self.results_device)
 
-    def _volume_pooled_maps(self, cams, gaussian, weight_sum):
-        """One weight vector (or principal component) per target, layer and fold from all tiles and mirrors."""
-        n_m, n_f, n_k = len(self.mirrors), len(self.networks), len(self.slicers)
+    def _volume_pooled_maps(self, cams):
+        """One weight vector (or principal component) per target, layer and fold from all tiles run and mirrors."""
+        n_m, n_f = len(self.mirrors), len(self.networks)
         method = self.spec.method
         for i in range(len(self.spec.targets) if method.uses_gradients else 1):
             for l in range(len(self.spec.layers)):
                 per_fold = []
                 for f in range(n_f):
                     fold = slice(f * n_m, (f + 1) * n_m)
-                    A = torch.cat([self.act_store[(k, l)][fold] for k in range(n_k)]).float()
-                    G = torch.cat([self.grad_store[(k, i, l)][fold] for k in range(n_k)]).float() \
+                    A = torch.cat([self.act_store[(k, l)][fold] for k in self.tiles]).float()
+                    G = torch.cat([self.grad_store[(k, i, l)][fold] for k in self.tiles]).float() \
                         if method.uses_gradients else None
                     per_fold.append(method(A, G, (0,) + tuple(range(2, A.ndim))).clamp(min=0).split(n_m))
-                for k, sl in enumerate(self.slicers):
-                    raw = torch.cat([per_fold[f][k] for f in range(n_f)])
-                    share = (gaussian / weight_sum[sl[1:]]).to(raw.device)
-                    cams[(i, l, *sl[1:])] += self._to_tile(raw, share).to(cams.device)
+                for j, k in enumerate(self.tiles):
+                    raw = torch.cat([per_fold[f][j] for f in range(n_f)])
+                    cams[(i, l, *self.plan.slicers[k][1:])] += \
+                        self._to_tile(raw, self.plan.share(k).to(raw.device)).to(cams.device)
         self.act_store, self.grad_store = {}, {}
