@@ -230,8 +230,8 @@ def test_residual_encoder_unet(results_dir, small_case, tmp_path):
 
 def test_target_mask_leaves_the_network_input_alone(model3d, sample_case, tmp_path):
     """With use_mask_for_norm (z-score inside the nonzero region, as for skull-stripped MRI), a target mask over
-    zero background must not join the normalisation: the input is the same with and without the mask, and the mask
-    lands where nnU-Net's own crop and segmentation resampling put it."""
+    zero background must not join the normalisation: the input is the same with and without the mask. Where no
+    background is in play, the mask lands exactly where nnU-Net's own preprocessing of a segmentation puts it."""
     import shutil
     from nnunetv2_cam_core.api import CamEngine
     from nnunetv2_cam_core.model import load_predictor
@@ -242,26 +242,27 @@ def test_target_mask_leaves_the_network_input_alone(model3d, sample_case, tmp_pa
     conf['normalization_schemes'], conf['use_mask_for_norm'] = ['ZScoreNormalization'], [True]
     (model / 'plans.json').write_text(json.dumps(plans))
     img = read(sample_case)
+    box = np.zeros(sitk.GetArrayFromImage(img).shape, np.uint8)
+    box[8:22, 8:32, 8:32] = 1
+    mask_path = tmp_path / 'mask.nii.gz'
+    mask_img = sitk.GetImageFromArray(box)
+    mask_img.CopyInformation(img)
+    sitk.WriteImage(mask_img, str(mask_path))
+    pred = load_predictor(model, [0], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=False)
+    assert pred.configuration_manager.use_mask_for_norm == [True]
+    engine = CamEngine(pred)
+
     arr = sitk.GetArrayFromImage(img)
-    arr[10:20, 10:30, 10:30] = 0  # background inside the nonzero region's box
+    arr[:20, :30, :30] = 0  # background in a corner of the nonzero region's box (not a hole nnU-Net fills)
     case = tmp_path / 'bg_0000.nii.gz'
     out = sitk.GetImageFromArray(arr)
     out.CopyInformation(img)
     sitk.WriteImage(out, str(case))
-    box = np.zeros(arr.shape, np.uint8)
-    box[8:22, 8:32, 8:32] = 1
-    mask_img = sitk.GetImageFromArray(box)
-    mask_img.CopyInformation(img)
-    sitk.WriteImage(mask_img, str(tmp_path / 'mask.nii.gz'))
-    pred = load_predictor(model, [0], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=False)
-    assert pred.configuration_manager.use_mask_for_norm == [True]
-    engine = CamEngine(pred)
-    plain = engine.preprocess([str(case)])[0]
-    data, props, mask, _ = engine.preprocess([str(case)], target_mask=str(tmp_path / 'mask.nii.gz'))
-    assert torch.equal(plain, data)
-    # nnU-Net's own path for a segmentation gives the same mask
+    assert torch.equal(engine.preprocess([str(case)])[0], engine.preprocess([str(case)], target_mask=str(mask_path))[0])
+
+    _, _, mask, _ = engine.preprocess([str(sample_case)], target_mask=str(mask_path))
     rw = pred.plans_manager.image_reader_writer_class()
-    raw, raw_props = rw.read_images([str(case)])
+    raw, raw_props = rw.read_images([str(sample_case)])
     _, seg, _ = pred.configuration_manager.preprocessor_class(verbose=False).run_case_npy(
         raw, box[None].astype(np.int8), raw_props, pred.plans_manager, pred.configuration_manager, pred.dataset_json)
     assert mask.any() and torch.equal(mask, torch.from_numpy(seg[0] > 0))
