@@ -58,6 +58,7 @@ def test_no_tile_seams(setup, method):
     assert out.n_tiles == len(slicers) >= 75
     assert cam.max() > 0
     score = seam_score(cam, slicers)
+    print(f'\nseam score, {method} bottleneck: {score:.3f}')
     assert score <= 1.2, f'{method}: seam score {score:.3f}'
 
 
@@ -133,6 +134,7 @@ def test_last_decoder_hirescam_is_the_stitched_logit(setup):
     inside = ref > 0.2 * ref.max()
     ratio = out.cams[0, 0].numpy()[inside] / ref[inside]
     lo, hi = np.percentile(ratio, [1, 99])
+    print(f'\nlast-decoder hirescam / ReLU(stitched logit - bias): 1st-99th percentile {lo:.4f}-{hi:.4f}')
     assert 0.97 <= lo and hi <= 1.03, (lo, hi)
 
 
