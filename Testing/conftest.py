@@ -72,7 +72,8 @@ class LogitsPair:
     properties: dict
     ours: torch.Tensor
     nnunet: torch.Tensor
-    overlap: int  # the most tiles that cover one voxel
+    overlap: int        # the most tiles that cover one voxel
+    tile_peak: float    # the largest |logit| of any tile nnU-Net predicted (folds and mirrors averaged)
 
     @property
     def difference(self) -> float:
@@ -80,20 +81,19 @@ class LogitsPair:
 
     @property
     def rounding_bound(self) -> float:
-        """What float16 accumulation can change a logit by: per fold, T rounded sums of g*l and of g (each off by at
-        most u times the sum) and one rounded quotient, (2T + 1) u max|l|; then the fold sum and mean, 3 u max|l|.
-        Doubled, since a tile's own logits can exceed the stitched ones in magnitude."""
-        return 2 * (2 * self.overlap + 4) * HALF_ROUNDOFF * float(self.ours.abs().max())
+        """What float16 accumulation can change a logit by, to first order, with L the largest tile logit: per fold,
+        T rounded sums of g*l and of g (each off by at most u times the sum) and one rounded quotient, (2T + 1) u L;
+        then the sum and mean of F folds, under F u L. Plus 1 % for second-order terms and float32 rounding."""
+        folds = len(self.predictor.list_of_parameters)
+        return 1.01 * (2 * self.overlap + 1 + folds) * HALF_ROUNDOFF * self.tile_peak
 
-    def segmentations(self):
-        """(ours, nnU-Net's, nnU-Net's probabilities), exported by nnU-Net's own function, original geometry."""
+    def nnunet_probabilities(self) -> np.ndarray:
+        """nnU-Net's probabilities from its own logits and export function, in the original geometry."""
         from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
         p = self.predictor
-        args = (p.plans_manager, p.configuration_manager, p.label_manager, self.properties)
-        ours = convert_predicted_logits_to_segmentation_with_correct_shape(self.ours, *args)
-        theirs, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
-            self.nnunet, *args, return_probabilities=True)
-        return ours, theirs, probabilities
+        return convert_predicted_logits_to_segmentation_with_correct_shape(
+            self.nnunet, p.plans_manager, p.configuration_manager, p.label_manager, self.properties,
+            return_probabilities=True)[1]
 
 
 def logits_pair(model: Path, folds, case: Path, tta: bool = False) -> LogitsPair:
@@ -104,13 +104,21 @@ def logits_pair(model: Path, folds, case: Path, tta: bool = False) -> LogitsPair
     engine = CamEngine(pred)
     data, props, _, _ = engine.preprocess([str(case)])
     ours = sliding_window_cam(pred, engine.networks, data, CamSpec(engine.method, engine.layers, engine.targets))
+    peak = [0.0]
+
+    def recording(x, predict=pred._internal_maybe_mirror_and_predict):
+        out = predict(x)
+        peak[0] = max(peak[0], float(out.abs().max()))
+        return out
+    pred._internal_maybe_mirror_and_predict = recording
     nnunet = pred.predict_logits_from_preprocessed_data(data).float()
+    del pred._internal_maybe_mirror_and_predict
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     padded = pad_nd_image(data, pred.configuration_manager.patch_size, 'constant', {'value': 0}, False, None)
     count = torch.zeros(padded.shape[1:], dtype=torch.int32)
     for sl in pred._internal_get_sliding_window_slicers(padded.shape[1:]):
         count[sl[1:]] += 1
-    return LogitsPair(pred, data, props, ours.logits, nnunet, int(count.max()))
+    return LogitsPair(pred, data, props, ours.logits, nnunet, int(count.max()), peak[0])
 
 
 def assert_equals_nnunet(ours: np.ndarray, theirs: np.ndarray, pair: LogitsPair, max_fraction: float = 1e-3):
@@ -122,8 +130,7 @@ def assert_equals_nnunet(ours: np.ndarray, theirs: np.ndarray, pair: LogitsPair,
     assert ours.shape == theirs.shape
     differ = ours != theirs
     if differ.any():
-        _, _, probabilities = pair.segmentations()
-        top2 = np.sort(np.asarray(probabilities, dtype=np.float64), axis=0)[-2:]
+        top2 = np.sort(np.asarray(pair.nnunet_probabilities(), dtype=np.float64), axis=0)[-2:]
         margin = float((top2[1] - top2[0])[differ].max())
         assert margin <= np.expm1(2 * eps) + 1e-6, f'a differing voxel is no near tie: margin {margin:.4g}'
     assert differ.mean() <= max_fraction, f'{differ.sum()} voxels differ ({differ.mean():.2%})'

@@ -149,6 +149,19 @@ def test_mask_geometry_mismatch(capsys, model3d, sample_case, tmp_path):
     assert_clean(tmp_path / 'out')
 
 
+def test_mask_outside_the_nonzero_region(capsys, model3d, sample_case, tmp_path):
+    """A mask only on the zero border, which nnU-Net crops away: no silent zero map."""
+    img = sitk.ReadImage(str(sample_case))
+    mask = sitk.Image(img.GetSize(), sitk.sitkUInt8)
+    mask.CopyInformation(img)
+    mask[0, 0, 0] = 1
+    path = tmp_path / 'mask.nii.gz'
+    sitk.WriteImage(mask, str(path))
+    rc, msg = run(capsys, base(model3d, sample_case, tmp_path / 'out') + ['--target-mask', path])
+    assert rc == 2 and 'outside the image\'s nonzero region' in msg and 'larger region' in msg
+    assert_clean(tmp_path / 'out')
+
+
 def test_output_not_writable(capsys, model3d, sample_case, tmp_path):
     blocker = tmp_path / 'file'
     blocker.write_text('x')

@@ -266,3 +266,22 @@ def test_target_mask_leaves_the_network_input_alone(model3d, sample_case, tmp_pa
     _, seg, _ = pred.configuration_manager.preprocessor_class(verbose=False).run_case_npy(
         raw, box[None].astype(np.int8), raw_props, pred.plans_manager, pred.configuration_manager, pred.dataset_json)
     assert mask.any() and torch.equal(mask, torch.from_numpy(seg[0] > 0))
+
+
+def test_out_of_memory_retry_is_reported(model3d, small_case, tmp_path, monkeypatch, capsys):
+    """After an out-of-memory error the case finishes in low-memory mode; a warning says so and the sidecar records
+    it."""
+    from nnunetv2_cam_core.cli import main
+    from nnunetv2_cam_core.sliding_window import _SlidingWindowRun
+    original = _SlidingWindowRun._tile
+
+    def tile(self, k, *args):
+        if not self.low_memory:
+            raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
+        return original(self, k, *args)
+    monkeypatch.setattr(_SlidingWindowRun, '_tile', tile)
+    out = tmp_path / 'out'
+    assert main(['-i', str(small_case), '-o', str(out), '-m', str(model3d), '-f', '0', '--target-class', 'lesion',
+                 '-device', 'cpu', '--disable_tta', '--progress', 'bar']) == 0
+    assert json.loads((out / 'small_cam.json').read_text())['low_memory'] is True
+    assert 'ran out of memory' in capsys.readouterr().err

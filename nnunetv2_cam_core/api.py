@@ -85,6 +85,10 @@ class CamEngine:
             data = np.vstack((data, onehot))
         elif target_mask is not None:
             mask = torch.from_numpy(self._to_preprocessed(region, props, data.shape[1:]))
+            if not mask.any():
+                raise UsageError(f'target mask {target_mask} vanishes in the model\'s space: it lies outside the '
+                                 f'image\'s nonzero region or is thinner than a voxel at the model\'s spacing; draw a '
+                                 f'larger region on the image')
         return torch.from_numpy(data), props, mask, image
 
     def _to_preprocessed(self, region: np.ndarray, props: dict, shape) -> np.ndarray:
@@ -128,6 +132,7 @@ class CamEngine:
                              'predicted_voxels': int((seg == t.label).sum()),
                              'tile_mask_disagreement': out.tile_mask_disagreement[i]}
         info = {'tiles': out.n_tiles, 'classes': stats, 'low_memory': out.low_memory,
+                'out_of_memory_retry': out.out_of_memory_retry,
                 'timings_s': {'sliding_window': round(t1 - t0, 3), 'export': round(t2 - t1, 3)}}
         return CaseResult(seg, cams, raws, info)
 
@@ -199,7 +204,7 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
         progress.stage('tiles', case)
         res = engine.run(data, props, mask, on_tile=progress.tiles)
         progress.stage('export', case)
-        if res.info['low_memory'] and not engine.low_memory:
+        if res.info['out_of_memory_retry']:
             progress.emit('warning', message=f'{case}: the device ran out of memory; finished in low-memory mode '
                                              f'(result arrays on the CPU, one forward graph at a time)')
         for name, st in res.info['classes'].items():

@@ -5,6 +5,7 @@ Every method maps activations A and gradients G, both (N, K, *spatial), to a raw
 tile (and mirror), or also dim 0 for one weight vector over all tiles (volume pooling).
 The formulas follow pytorch-grad-cam, which the tests use as the numerical reference.
 """
+from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import Dict, Optional, Sequence
 
@@ -18,13 +19,14 @@ class CamMethod:
     name = ''
     uses_gradients = True
     pooled = True  # channel weights pooled over a region: --pooling applies
-    # chosen by measured tiling invariance (README): gradient weights per tile, principal components per volume
+    # gradient weights per tile, principal components per volume: chosen on one build of one tiny model (README:
+    # benchmarks/tiling_invariance.py shows the ranking changes between builds)
     default_pooling = 'tile'
 
     def __call__(self, A: torch.Tensor, G: Optional[torch.Tensor], pool_dims: Sequence[int]) -> torch.Tensor:
         """The raw map in float32 and outside any autocast: float16 sums and covariances over many positions
         overflow (CUDA autocast would run the eigen methods' matmuls in float16)."""
-        with torch.autocast(A.device.type, enabled=False):
+        with torch.autocast(A.device.type, enabled=False) if A.device.type in ('cuda', 'cpu') else nullcontext():
             return self.cam(A.float(), None if G is None else G.float(), pool_dims)
 
     def get_cam_weights(self, A, G, pool_dims):

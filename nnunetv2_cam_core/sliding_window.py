@@ -48,6 +48,7 @@ class CamOutput:
     n_tiles: int                      # tiles run
     tile_mask_disagreement: List[float]
     low_memory: bool = False  # also True after an out-of-memory retry
+    out_of_memory_retry: bool = False
 
 
 def mirror_combinations(predictor) -> List[tuple]:
@@ -64,13 +65,20 @@ def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: tor
     """data: preprocessed (C, *shape). Returns logits and raw CAMs on the CPU, in the same (preprocessed) space."""
     patch = [int(p) for p in predictor.configuration_manager.patch_size]
     padded, revert = pad_nd_image(data, patch, 'constant', {'value': 0}, True, None)
+
     def pad(m):
         return pad_nd_image(m[None].to(torch.uint8), patch, 'constant', {'value': 0}, True, None)[0][0] > 0
     mask = None if spec.mask is None else pad(spec.mask)
+    plan = TilePlan.of(predictor, padded.shape[1:], torch.device('cpu'))  # each attempt moves it to its device
+    if spec.only_region is not None and spec.only_region.shape != data.shape[1:]:
+        raise CamError(f'region of shape {list(spec.only_region.shape)} for a case of {list(data.shape[1:])}; '
+                       f'give it in the preprocessed space')
+    tiles = list(range(len(plan.slicers))) if spec.only_region is None else plan.overlapping(pad(spec.only_region))
+    if not tiles:
+        raise CamError('the region is empty; give at least one voxel')
     device = results_device = predictor.device
-    plan = TilePlan.of(predictor, padded.shape[1:], device)
-    tiles = range(len(plan.slicers)) if spec.only_region is None else plan.overlapping(pad(spec.only_region))
-    run = _SlidingWindowRun(predictor, networks, padded, mask, plan, list(tiles), spec, on_tile)
+    run = _SlidingWindowRun(predictor, networks, padded, mask, plan, tiles, spec, on_tile)
+    retried = False
     with torch.autocast(device.type) if device.type == 'cuda' else contextlib.nullcontext():
         while True:
             try:
@@ -80,12 +88,11 @@ def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: tor
                 if not is_out_of_memory(e) or (run.low_memory and results_device.type == 'cpu'):
                     raise
             # out of the except block, so the traceback no longer holds the failed attempt's tensors; then, as
-            # nnU-Net, result arrays on the CPU, and one forward graph alive at a time
+            # nnU-Net, input and result arrays on the CPU, and one forward graph alive at a time
             run.act_store, run.grad_store = {}, {}
-            run.low_memory, results_device = True, torch.device('cpu')
-            run.plan = run.plan.to(results_device)
+            run.low_memory, results_device, retried = True, torch.device('cpu'), True
             empty_cache(device)
-        out.low_memory = run.low_memory
+    out.low_memory, out.out_of_memory_retry = run.low_memory, retried
     keep = tuple(revert[1:])
     out.logits = out.logits[(slice(None), *keep)].cpu()
     out.cams = out.cams[(slice(None), slice(None), *keep)].cpu()
@@ -95,8 +102,8 @@ def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: tor
 def is_out_of_memory(e: BaseException) -> bool:
     """torch's out-of-memory error, and the allocation failures cuDNN, cuBLAS or the CPU allocator report as a
     plain RuntimeError."""
-    return isinstance(e, torch.OutOfMemoryError) or any(
-        s in str(e) for s in ('out of memory', 'ALLOC_FAILED', "can't allocate memory"))
+    return isinstance(e, getattr(torch, 'OutOfMemoryError', torch.cuda.OutOfMemoryError)) or any(
+        s in str(e) for s in ('out of memory', 'ALLOC_FAILED', "can't allocate memory", 'not enough memory'))
 
 
 def upsample(feature_map: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -131,7 +138,7 @@ class _SlidingWindowRun:
         p, spec = self.predictor, self.spec
         self.results_device = results_device
         shape = self.padded.shape[1:]
-        plan = self.plan
+        plan = self.plan.to(results_device)
         n_t, n_l = len(spec.targets), len(spec.layers)
         logits = torch.zeros((p.label_manager.num_segmentation_heads, *shape), device=results_device)
         cams = torch.zeros((n_t, n_l, *shape), device=results_device)
@@ -139,12 +146,13 @@ class _SlidingWindowRun:
         hits = torch.zeros((n_t, *shape), dtype=torch.int16, device=results_device) if track else None
         coverage = torch.zeros(shape, dtype=torch.int16, device=results_device) if track else None
         self.act_store, self.grad_store = {}, {}
-        data = self.padded.to(p.device)
+        data = self.padded.to(results_device)
         captures = [LayerCapture(net, spec.layers) for net in self.networks]
         try:
             for j, k in enumerate(self.tiles):
                 sl = plan.slicers[k]
-                tile_logits, masks = self._tile(k, data[sl][None], captures, plan.share(k).to(p.device), cams, sl)
+                share = None if self.volume_pooling else plan.share(k).to(p.device)
+                tile_logits, masks = self._tile(k, data[sl][None].to(p.device), captures, share, cams, sl)
                 logits[sl] += tile_logits.to(results_device) * plan.gaussian
                 if track:
                     hits[(slice(None), *sl[1:])] += masks.to(results_device)
@@ -157,7 +165,7 @@ class _SlidingWindowRun:
                 c.__exit__()
         logits /= plan.weight_sum
         if self.volume_pooling:
-            self._volume_pooled_maps(cams)
+            self._volume_pooled_maps(cams, plan)
         if not spec.method.uses_gradients:
             cams[1:] = cams[0]
         disagreement = [0.0] * n_t
@@ -265,7 +273,7 @@ class _SlidingWindowRun:
                                f'this layer; use --pooling tile or a deeper --target-layer')
         self.act_store[(k, l)] = A.to(self.results_device)
 
-    def _volume_pooled_maps(self, cams):
+    def _volume_pooled_maps(self, cams, plan: TilePlan):
         """One weight vector (or principal component) per target, layer and fold from all tiles run and mirrors."""
         n_m, n_f = len(self.mirrors), len(self.networks)
         method = self.spec.method
@@ -280,6 +288,6 @@ class _SlidingWindowRun:
                     per_fold.append(method(A, G, (0,) + tuple(range(2, A.ndim))).clamp(min=0).split(n_m))
                 for j, k in enumerate(self.tiles):
                     raw = torch.cat([per_fold[f][j] for f in range(n_f)])
-                    cams[(i, l, *self.plan.slicers[k][1:])] += \
-                        self._to_tile(raw, self.plan.share(k).to(raw.device)).to(cams.device)
+                    share = plan.share(k).to(raw.device)
+                    cams[(i, l, *plan.slicers[k][1:])] += self._to_tile(raw, share).to(cams.device)
         self.act_store, self.grad_store = {}, {}
