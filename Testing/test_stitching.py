@@ -6,6 +6,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from scipy import ndimage
 
 from nnunetv2_cam_core.api import CamEngine
+from nnunetv2_cam_core.errors import CamError
 from nnunetv2_cam_core.demo import SPACING, write_sample_case
 from nnunetv2_cam_core.methods import get_method
 from nnunetv2_cam_core.model import fold_networks, load_predictor
@@ -255,3 +256,14 @@ def test_region_tiles_alone_give_the_full_run_inside_the_region(setup, method):
     assert part.n_tiles == sum(bool(region[sl[1:]].any()) for sl in slicers) < full.n_tiles
     assert torch.equal(part.logits[:, region], full.logits[:, region])
     assert full.cams[0, 0][region].max() > 0 and torch.equal(part.cams[:, :, region], full.cams[:, :, region])
+
+
+def test_region_of_wrong_shape_or_empty_is_refused(setup):
+    pred, engine, nets, data = setup
+    spec = CamSpec(get_method('gradcam'), engine.layers, engine.targets[:1])
+    spec.only_region = torch.zeros((2, 2, 2), dtype=torch.bool)
+    with pytest.raises(CamError, match='give it in the preprocessed space'):
+        sliding_window_cam(pred, nets[:1], data, spec)
+    spec.only_region = torch.zeros(data.shape[1:], dtype=torch.bool)
+    with pytest.raises(CamError, match='the region is empty'):
+        sliding_window_cam(pred, nets[:1], data, spec)
