@@ -199,7 +199,8 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.modelFolder = info['folder']
         self.ui.modelInfoLabel.text = (
             f'{info["dataset"]}, {info["configuration"]}, folds {", ".join(map(str, info["folds"])) or "none"}; '
-            f'labels: {", ".join(target_classes(info))}; channels: {", ".join(info["channels"])}')
+            f'{"regions" if info["regions"] else "classes"}: {", ".join(target_classes(info))}; '
+            f'channels: {", ".join(info["channels"])}')
         wanted = self._parameterNode.targetClass if self._parameterNode else ''
         self.ui.targetClassComboBox.addItems(target_classes(info))
         if wanted in target_classes(info):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 from .errors import CamError, UsageError
+from .labels import has_regions, output_classes
 
 
 def resolve_model_folder(model: Optional[str] = None, dataset: Optional[str] = None,
@@ -77,17 +78,21 @@ def available_folds(folder: Path, checkpoint: str) -> List[Union[int, str]]:
 
 
 def describe_model(folder: Union[str, Path], checkpoint: str = 'checkpoint_final.pth') -> dict:
-    """What a user picks from: configuration, trained folds, labels and input channels (from dataset.json)."""
+    """What a user picks from: configuration, trained folds, labels, the classes or regions it can explain (output
+    order; never the background or the ignore label) and input channels (from dataset.json)."""
     folder = resolve_model_folder(str(folder))
     dataset = json.loads((folder / 'dataset.json').read_text())
     plans = json.loads((folder / 'plans.json').read_text())
     parts = folder.name.split('__')
     configuration = parts[2] if len(parts) == 3 else None
     channels = dataset.get('channel_names', dataset.get('modality', {}))
+    classes = output_classes(dataset)
     return {'folder': str(folder), 'dataset': plans.get('dataset_name', folder.parent.name),
             'trainer': parts[0] if len(parts) == 3 else None, 'configuration': configuration,
             'folds': available_folds(folder, checkpoint),
-            'labels': dataset['labels'], 'channels': [channels[k] for k in sorted(channels, key=int)],
+            'labels': dataset['labels'], 'classes': list(classes),
+            'regions': {n: list(v) for n, (_, v) in classes.items()} if has_regions(dataset) else None,
+            'channels': [channels[k] for k in sorted(channels, key=int)],
             'file_ending': dataset.get('file_ending', '.nii.gz'),
             'previous_stage': plans.get('configurations', {}).get(configuration, {}).get('previous_stage')}
 

@@ -59,7 +59,8 @@ def model_info(folder: Union[str, Path]) -> dict:
 
 
 def target_classes(info: dict) -> List[str]:
-    return [name for name, value in info['labels'].items() if value != 0 and name != 'background']
+    """The classes (or regions) the model can explain, in output order: no background, no ignore label."""
+    return list(info['classes'])
 
 
 def layer_choices(rows: List[dict]) -> List[tuple]:
@@ -326,7 +327,7 @@ class NNUNetCAMLogic:
         added = []
         try:
             segmentation = volumes.load_segmentation(self.scene, out / sidecar['segmentation'], f'{name} segmentation',
-                                                     inputVolume, info['labels'])
+                                                     inputVolume, info['labels'], info.get('regions'))
             added.append(segmentation)
             cams, notes = {}, []
             for label, file in sidecar['cams'].items():
