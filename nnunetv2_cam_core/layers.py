@@ -36,19 +36,23 @@ def resolve_layers(network: nn.Module, names: Sequence[str]) -> List[str]:
 
 class LayerCapture:
     """Forward hooks on the target layers. The first one to run is cut from the graph and made a leaf, so the
-    backward stops there: no gradients for the encoder below it and none for parameters."""
+    backward stops there: no gradients for the encoder below it and none for parameters. Captured outputs are kept
+    as the layer returned them."""
 
-    def __init__(self, network: nn.Module, names: Sequence[str]):
+    def __init__(self, network: nn.Module, names: Sequence[str], cut: bool = True):
         self.outputs: Dict[str, torch.Tensor] = {}
+        self.cut = cut  # False: the graph goes on to the network input
         modules = dict(network.named_modules())
         self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
 
     def _hook(self, name):
         def hook(module, inputs, output):
-            if not self.outputs:
+            if self.cut and not self.outputs:
                 output = output.detach().requires_grad_(True)
             self.outputs[name] = output
-            return output
+            # the network goes on with a copy: a block that adds its residual in place (ResEnc's `out += residual`
+            # after conv2) must not change what was captured
+            return output.clone()
         return hook
 
     def __enter__(self):
