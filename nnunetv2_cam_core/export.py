@@ -1,4 +1,5 @@
 """Back to the original image geometry, with nnU-Net's export steps, and atomic writing of a case's files."""
+import json
 import os
 import shutil
 import tempfile
@@ -10,7 +11,7 @@ import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
-from .errors import CamError
+from .errors import UsageError
 
 
 def segmentation_to_original(logits: torch.Tensor, properties: dict, predictor) -> np.ndarray:
@@ -33,9 +34,46 @@ def maps_to_original(maps: torch.Tensor, properties: dict, predictor) -> np.ndar
     return full.transpose([0] + [i + 1 for i in pm.transpose_backward])
 
 
+def cam_format(rw, properties: dict) -> str:
+    """How this model's reader-writer lets a float map be written, decided before the work: 'image' (float image
+    with the reader's geometry), 'tiff' (float32 TIFF plus nnU-Net's spacing .json) or 'png' (16-bit PNG, 0..65535
+    for 0..1, plus the exact .npy)."""
+    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+    from nnunetv2.imageio.tif_reader_writer import Tiff3DIO
+    if 'sitk_stuff' in properties or 'nibabel_stuff' in properties:
+        return 'image'
+    if isinstance(rw, Tiff3DIO):
+        return 'tiff'
+    if isinstance(rw, NaturalImage2DIO):
+        return 'png'
+    raise UsageError(f'this model\'s image reader/writer ({type(rw).__name__}) keeps no geometry a CAM could be '
+                     f'written with; NNUNetCAM writes CAMs for SimpleITKIO, NibabelIO, Tiff3DIO and NaturalImage2DIO '
+                     f'models')
+
+
+def write_map(arr: np.ndarray, outputs: 'CaseOutputs', stem: str, ending: str, properties: dict, fmt: str,
+              normalised: bool = True) -> str:
+    """One float map in the case's geometry, in the format `cam_format` chose; returns the file name."""
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if fmt == 'image':
+        write_float_image(arr, outputs.path(stem + ending), properties)
+        return stem + ending
+    if fmt == 'tiff':
+        import tifffile
+        tifffile.imwrite(outputs.path(stem + ending), arr, photometric='minisblack')
+        with open(outputs.path(stem + '.json'), 'w') as f:
+            json.dump({'spacing': [float(x) for x in properties['spacing']]}, f)
+        return stem + ending
+    np.save(outputs.path(stem + '.npy'), arr[0])
+    if not normalised:
+        return stem + '.npy'  # a PNG holds no unnormalised values
+    from PIL import Image
+    Image.fromarray(np.round(np.clip(arr[0], 0, 1) * 65535).astype(np.uint16)).save(outputs.path(stem + '.png'))
+    return stem + '.png'
+
+
 def write_float_image(arr: np.ndarray, path: str, properties: dict) -> None:
     """A float32 map with the reader's geometry (nnU-Net's write_seg would cast it to integers)."""
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
     if 'sitk_stuff' in properties:
         import SimpleITK as sitk
         st = properties['sitk_stuff']
@@ -46,7 +84,7 @@ def write_float_image(arr: np.ndarray, path: str, properties: dict) -> None:
         if 'original_orientation' in st:
             img = sitk.DICOMOrient(img, st['original_orientation'])
         sitk.WriteImage(img, path, True)
-    elif 'nibabel_stuff' in properties:
+    else:
         import nibabel
         nb = properties['nibabel_stuff']
         if 'reoriented_affine' in nb:
@@ -56,9 +94,6 @@ def write_float_image(arr: np.ndarray, path: str, properties: dict) -> None:
         else:
             img = nibabel.Nifti1Image(arr.transpose((2, 1, 0)), affine=nb['original_affine'])
         nibabel.save(img, path)
-    else:
-        raise CamError('this model\'s image reader/writer keeps no geometry that float maps can be written with; '
-                       'use a model with SimpleITKIO or NibabelIO, or --save-numpy')
 
 
 class CaseOutputs:

@@ -16,8 +16,10 @@ def _split(path: Path, endings: Sequence[str]) -> Tuple[str, str]:
     raise UsageError(f'{path} has an unsupported file ending; this model reads {", ".join(endings)}')
 
 
-def find_cases(inputs: Sequence[str], endings: Sequence[str], channel_names: Dict[str, str]) -> Dict[str, List[str]]:
-    """case id -> files ordered by channel. Channels are grouped by exact case id, never by prefix."""
+def find_cases(inputs: Sequence[str], endings: Sequence[str], channel_names: Dict[str, str],
+               rgb_files: bool = False) -> Dict[str, List[str]]:
+    """case id -> files ordered by channel. Channels are grouped by exact case id, never by prefix. With
+    `rgb_files` (natural images) one file may hold several channels (RGB in CASE_0000.png): the reader counts."""
     files: List[Path] = []
     for item in inputs:
         p = Path(item)
@@ -48,6 +50,8 @@ def find_cases(inputs: Sequence[str], endings: Sequence[str], channel_names: Dic
     out = {}
     for case, chans in sorted(cases.items()):
         missing = [c for c in range(n_ch) if c not in chans]
+        if rgb_files and missing and sorted(chans) == list(range(len(chans))):
+            missing = []  # read_case checks the channels the files hold
         extra = sorted(c for c in chans if c >= n_ch)
         if missing:
             names = ', '.join(f'{case}_{c:04d} ({channel_names.get(str(c), "?")})' for c in missing)
@@ -56,7 +60,7 @@ def find_cases(inputs: Sequence[str], endings: Sequence[str], channel_names: Dic
         if extra:
             raise UsageError(f'case {case} has extra channel {", ".join(f"{c:04d}" for c in extra)}; the model takes '
                              f'{n_ch} channel(s) ({", ".join(channel_names.values())}); remove the extra files')
-        out[case] = [chans[c] for c in range(n_ch)]
+        out[case] = [chans[c] for c in sorted(chans)]
     return out
 
 
@@ -83,8 +87,9 @@ def read_case(rw, files: Sequence[str], n_channels: int, three_d: bool) -> Tuple
                          f'{str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"}); check that the file '
                          f'is a complete image the model\'s reader ({type(rw).__name__}) supports') from None
     if data.shape[0] != n_channels:
-        raise UsageError(f'{files[0]} holds {data.shape[0]} channels but the model takes {n_channels}; give one '
-                         f'file per channel as CASE_0000, CASE_0001 ...')
+        raise UsageError(f'{", ".join(map(str, files))} hold{"s" if len(files) == 1 else ""} {data.shape[0]} '
+                         f'channel(s) but the model takes {n_channels}; give one file per channel as CASE_0000, '
+                         f'CASE_0001 ... (natural images: one RGB file holds three)')
     bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
     if bad:
         raise UsageError(f'{", ".join(map(str, files))} has {bad} NaN/inf voxels; replace them (e.g. with 0) first')
