@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         'tile for gradcam/gradcam++/xgradcam, volume for eigencam/eigengradcam')
     c.add_argument('--target-region', choices=('predicted', 'all'), default='predicted',
                    help='sum the class logit over the voxels predicted as the class (default) or all voxels')
+    c.add_argument('--channel-attribution', action='store_true',
+                   help='also write, per class, the share of |gradient x input| at the network input that comes '
+                        'from each input channel, into the sidecar (gradient methods; a full backward per tile)')
     c.add_argument('--pool-size', type=int, help='segxrescam only: gradient pooling window')
     c.add_argument('--pool-mode', default='max', choices=('max', 'mean'), help='segxrescam only (default: max)')
     c.add_argument('--cam-type', choices=('2d', '3d'), help='accepted for compatibility; the configuration decides')
@@ -132,7 +135,8 @@ def run(args, progress: Progress) -> int:
     progress.stage('load')
     folder, folds, configuration, predictor = _load(args)
     engine = CamEngine(predictor, args.target_layer, args.target_class, args.method, args.pooling,
-                       args.target_region, args.pool_size, args.pool_mode, args.low_memory)
+                       args.target_region, args.pool_size, args.pool_mode, args.low_memory,
+                       args.channel_attribution)
     run_info = {'model': str(folder), 'configuration': configuration, 'trainer': predictor.trainer_name, 'folds': list(folds), 'checkpoint': args.checkpoint}
     run_cases(engine, args.input, args.output, target_mask=args.target_mask,
               prev_stage_folder=args.prev_stage_predictions, save_raw=args.save_raw, save_numpy=args.save_numpy,

@@ -39,6 +39,8 @@ class CamSpec:
     # bool, preprocessed space: run only the tiles that overlap it. Inside it, logits and tile-pooled or
     # element-wise maps equal a full run's; outside it they are partial
     only_region: Optional[torch.Tensor] = None
+    # also the gradient x input at the network input, summed per input channel (a full backward per tile)
+    channel_attribution: bool = False
 
 
 @dataclass
@@ -49,6 +51,7 @@ class CamOutput:
     tile_mask_disagreement: List[float]
     low_memory: bool = False  # also True after an out-of-memory retry
     out_of_memory_retry: bool = False
+    channel_attribution: Optional[torch.Tensor] = None  # (n_targets, input channels): sum of |x * dS/dx|
 
 
 def mirror_combinations(predictor) -> List[tuple]:
@@ -147,7 +150,9 @@ class _SlidingWindowRun:
         coverage = torch.zeros(shape, dtype=torch.int16, device=results_device) if track else None
         self.act_store, self.grad_store = {}, {}
         data = self.padded.to(results_device)
-        captures = [LayerCapture(net, spec.layers) for net in self.networks]
+        self.attribution = torch.zeros((n_t, data.shape[0]), device=results_device) if spec.channel_attribution \
+            else None
+        captures = [LayerCapture(net, spec.layers, cut=not spec.channel_attribution) for net in self.networks]
         try:
             for j, k in enumerate(self.tiles):
                 sl = plan.slicers[k]
@@ -174,7 +179,7 @@ class _SlidingWindowRun:
             for i in range(n_t):
                 split = (final[i] & (hits[i] < coverage)) | (~final[i] & (hits[i] > 0))
                 disagreement[i] = float(split.sum()) / max(1, int(final[i].sum()))
-        return CamOutput(logits, cams, len(self.tiles), disagreement)
+        return CamOutput(logits, cams, len(self.tiles), disagreement, channel_attribution=self.attribution)
 
     def _forward(self, net, cap, dims, x):
         """One forward of a tile: (output mirrored back, target-layer outputs)."""
@@ -197,6 +202,8 @@ class _SlidingWindowRun:
         # all graphs of the tile stay alive until the ensemble gives the target mask; low_memory instead recomputes
         # each forward with its graph after a gradient-free pass (one graph at a time, one extra forward)
         keep_graphs = method.uses_gradients and not self.low_memory
+        if self.attribution is not None:
+            x = x.detach().requires_grad_(True)
         with torch.enable_grad() if keep_graphs else torch.no_grad():
             outs, acts = self._forwards(x, captures)
         tile_logits = torch.stack([o.float() for o in outs]).sum(0)[0] / n  # float16 under autocast: sum in float32
@@ -213,12 +220,13 @@ class _SlidingWindowRun:
             if keep_graphs:
                 leaves = [a for per in acts for a in per]
                 for j, i in enumerate(active):
-                    g = torch.autograd.grad(tile_logits, leaves, grad_outputs=upstreams[i],
-                                            retain_graph=j < len(active) - 1, allow_unused=True)
+                    g, grad_x = self._grad(tile_logits, leaves, x, upstreams[i], retain=j < len(active) - 1)
+                    if grad_x is not None:
+                        self._attribute(i, x, grad_x * n, masks[i])
                     # undo the 1/(folds*mirrors) of the average: each forward's map is a full map of that network
                     grads[i] = [torch.zeros_like(a) if gi is None else gi * n for gi, a in zip(g, leaves)]
             elif active:
-                acts = self._backward_one_at_a_time(x, captures, active, upstreams, grads)
+                acts = self._backward_one_at_a_time(x, captures, active, upstreams, grads, masks)
         tile_logits = tile_logits.detach()
         for l in range(len(spec.layers)):
             A = torch.cat([acts[j][l].detach() for j in range(n)])
@@ -239,10 +247,10 @@ class _SlidingWindowRun:
                 cams[(i, l, *sl[1:])] += self._to_tile(raw, share).to(self.results_device)
         return tile_logits, masks
 
-    def _backward_one_at_a_time(self, x, captures, active, upstreams, grads) -> list:
+    def _backward_one_at_a_time(self, x, captures, active, upstreams, grads, masks) -> list:
         """Each forward again, with its graph, and its backward right away: same gradients as the joint backward
         of the ensemble (it is a sum), one graph alive at a time. Returns the recomputed target-layer outputs."""
-        acts = []
+        acts, grads_x = [], {i: 0 for i in active}
         for i in active:
             grads[i] = []
         for net, cap in zip(self.networks, captures):
@@ -251,11 +259,27 @@ class _SlidingWindowRun:
                     out, leaves = self._forward(net, cap, dims, x)
                     out = out.float()[0]
                     for j, i in enumerate(active):
-                        g = torch.autograd.grad(out, leaves, grad_outputs=upstreams[i],
-                                                retain_graph=j < len(active) - 1, allow_unused=True)
+                        g, grad_x = self._grad(out, leaves, x, upstreams[i], retain=j < len(active) - 1)
                         grads[i] += [torch.zeros_like(a) if gi is None else gi for gi, a in zip(g, leaves)]
+                        if grad_x is not None:
+                            grads_x[i] = grads_x[i] + grad_x
                 acts.append([a.detach() for a in leaves])
+        if self.attribution is not None:
+            for i in active:
+                self._attribute(i, x, grads_x[i], masks[i])
         return acts
+
+    def _grad(self, out, leaves, x, upstream, retain: bool):
+        """Gradients of a target's score at the target layers, and with channel attribution at the tile input."""
+        inputs = leaves + ([x] if self.attribution is not None else [])
+        g = torch.autograd.grad(out, inputs, grad_outputs=upstream, retain_graph=retain, allow_unused=True)
+        return g[:len(leaves)], (g[-1] if self.attribution is not None else None)
+
+    def _attribute(self, i, x, grad_x, mask) -> None:
+        """|x * dS/dx| over target i's voxels, summed per input channel (signed sums say nothing: instance norm
+        makes the network blind to the input's scale, so they add up to zero)."""
+        xg = (x.detach() * grad_x).abs()[0].float() * mask
+        self.attribution[i] += xg.flatten(1).sum(1).to(self.attribution.device)
 
     def _to_tile(self, raw: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
         """(folds*mirrors, *feat) maps -> un-mirrored mean, upsampled to the tile on the device, times g / sum(g)."""
