@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from .errors import UsageError
-from .export import CaseOutputs, maps_to_original, segmentation_to_original, write_overview, write_slices, \
-    write_float_image
+from .export import CaseOutputs, cam_format, maps_to_original, segmentation_to_original, write_map, \
+    write_overview, write_slices
 from .inputs import find_cases, read_case, read_label
 from .layers import resolve_layers
 from .methods import get_method
@@ -43,7 +43,7 @@ class CamEngine:
 
     def __init__(self, predictor, target_layer=None, target_class=1, method: str = 'gradcam',
                  pooling: Optional[str] = None, target_region: str = 'predicted', pool_size: Optional[int] = None,
-                 pool_mode: str = 'max', low_memory: bool = False):
+                 pool_mode: str = 'max', low_memory: bool = False, channel_attribution: bool = False):
         if pooling not in (None, 'volume', 'tile'):
             raise UsageError(f'--pooling must be volume or tile, not {pooling!r}')
         if target_region not in ('predicted', 'all'):
@@ -55,6 +55,19 @@ class CamEngine:
         self.layers = resolve_layers(self.networks[0], _as_list(target_layer))
         self.pooling, self.region = pooling or self.method.default_pooling, target_region
         self.low_memory = low_memory
+        if channel_attribution and not self.method.uses_gradients:
+            raise UsageError(f'--channel-attribution needs gradients, which {method} does not use; pick a gradient '
+                             f'method such as gradcam or hirescam')
+        self.channel_attribution = channel_attribution
+
+    def input_channel_names(self, n: int) -> List[str]:
+        """The network's input channels: dataset.json's channel names, then a cascade's previous-stage one-hot
+        channels (not images)."""
+        p = self.predictor
+        names = p.dataset_json.get('channel_names', p.dataset_json.get('modality', {}))
+        images = [names[k] for k in sorted(names, key=int)]
+        extra = [f'previous stage: {t}' for t in p.label_manager.foreground_labels]
+        return (images + extra)[:n]
 
     def preprocess(self, files: Sequence[str], target_mask: Optional[str] = None,
                    prev_stage: Optional[str] = None):
@@ -107,7 +120,8 @@ class CamEngine:
         """Preprocessed data and its properties -> segmentation and CAMs in the original geometry, in memory."""
         p = self.predictor
         t0 = time.perf_counter()
-        spec = CamSpec(self.method, self.layers, self.targets, self.pooling, self.region, mask, self.low_memory)
+        spec = CamSpec(self.method, self.layers, self.targets, self.pooling, self.region, mask, self.low_memory,
+                       channel_attribution=self.channel_attribution)
         out = sliding_window_cam(p, self.networks, data, spec, on_tile)
         t1 = time.perf_counter()
         seg = segmentation_to_original(out.logits, properties, p)
@@ -126,11 +140,17 @@ class CamEngine:
             peak = float(r.max())
             c = r / peak if peak > 0 else np.zeros_like(r)
             cams[t.name], raws[t.name] = c.astype(np.float32), r
-            inside = float(c[seg == t.label].sum()) / float(c.sum()) if c.sum() > 0 else 0.0
-            stats[t.name] = {'label': t.label, 'min': float(c.min()), 'max': float(c.max()), 'mean': float(c.mean()),
+            own = np.isin(seg, t.labels)  # a region: every label it covers
+            inside = float(c[own].sum()) / float(c.sum()) if c.sum() > 0 else 0.0
+            stats[t.name] = {'label': t.label, 'labels': list(t.labels), 'min': float(c.min()),
+                             'max': float(c.max()), 'mean': float(c.mean()),
                              'raw_max': peak, 'energy_in_predicted_mask': inside,
-                             'predicted_voxels': int((seg == t.label).sum()),
+                             'predicted_voxels': int(own.sum()),
                              'tile_mask_disagreement': out.tile_mask_disagreement[i]}
+            if out.channel_attribution is not None:
+                a = out.channel_attribution[i].double().abs()
+                shares = (a / a.sum() if a.sum() > 0 else a).tolist()
+                stats[t.name]['channel_attribution'] = dict(zip(self.input_channel_names(len(shares)), shares))
         info = {'tiles': out.n_tiles, 'classes': stats, 'low_memory': out.low_memory,
                 'out_of_memory_retry': out.out_of_memory_retry,
                 'timings_s': {'sliding_window': round(t1 - t0, 3), 'export': round(t2 - t1, 3)}}
@@ -181,8 +201,10 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
     check_writable(out_dir)
     ending = p.dataset_json['file_ending']
     rw = p.plans_manager.image_reader_writer_class()
+    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
     cases = find_cases(inputs, rw.supported_file_endings, p.dataset_json.get('channel_names',
-                                                                               p.dataset_json.get('modality', {})))
+                                                                               p.dataset_json.get('modality', {})),
+                       rgb_files=isinstance(rw, NaturalImage2DIO))
     if target_mask is not None and len(cases) > 1:
         raise UsageError('--target-mask applies to one case; pass a single case with it')
     method = engine.method.name
@@ -200,6 +222,7 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
             if not os.path.isfile(prev):
                 raise UsageError(f'no previous-stage segmentation {prev}; run the previous stage on {case} first')
         data, props, mask, image = engine.preprocess(files, target_mask, prev)
+        fmt = cam_format(rw, props)  # a model whose maps cannot be written fails here, before the work
         t1 = time.perf_counter()
         progress.stage('tiles', case)
         res = engine.run(data, props, mask, on_tile=progress.tiles)
@@ -216,12 +239,11 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
             files_by_class = {}
             for name in res.cams:
                 stem = f'{case}_cam_{_safe(name)}_{_safe(method)}'
-                write_float_image(res.cams[name], co.path(stem + ending), props)
-                files_by_class[name] = stem + ending
+                files_by_class[name] = write_map(res.cams[name], co, stem, ending, props, fmt)
                 if save_raw:
-                    write_float_image(res.raw[name], co.path(f'{case}_camraw_{_safe(name)}_{_safe(method)}{ending}'),
-                                      props)
-                if save_numpy:
+                    write_map(res.raw[name], co, f'{case}_camraw_{_safe(name)}_{_safe(method)}', ending, props, fmt,
+                              normalised=False)
+                if save_numpy and fmt != 'png':  # PNG models get the .npy anyway
                     np.save(co.path(stem + '.npy'), res.cams[name])
                 if save_slices:
                     save_slices_dir = co.path(stem + '_slices')
@@ -234,7 +256,7 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
                        'layers': engine.layers, 'pooling': engine.pooling if engine.method.pooled else None,
                        'target_region': 'mask' if target_mask else engine.region, 'target_mask': target_mask,
                        'tta': bool(p.use_mirroring and p.allowed_mirroring_axes), 'step_size': p.tile_step_size,
-                       'low_memory': res.info['low_memory'],
+                       'low_memory': res.info['low_memory'], 'cam_format': fmt,
                        'device': str(p.device), 'tiles': res.info['tiles'], 'timings_s': timings,
                        'segmentation': case + ending, 'cams': files_by_class, 'classes': res.info['classes'],
                        'versions': _versions()}
