@@ -4,13 +4,16 @@
 segmentation, CAMs, PNG overlays and sidecar for a sample case and prints where they are.
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -30,11 +33,14 @@ def build_seed() -> int:
     return int(os.environ.get('NNUNETCAM_TINY_SEED', '0'))
 
 
-def default_cache() -> Path:
+def cache_root() -> Path:
     """NNUNETCAM_MODEL_CACHE, else NNUNETCAM_CACHE (which also holds the venv), else ~/.cache/nnunetcam."""
-    root = os.environ.get('NNUNETCAM_MODEL_CACHE') or os.environ.get(
-        'NNUNETCAM_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'nnunetcam'))
-    return Path(root) / f'tiny-models-nnunetv2-{version("nnunetv2")}-v{BUILD_VERSION}-seed{build_seed()}'
+    return Path(os.environ.get('NNUNETCAM_MODEL_CACHE') or os.environ.get(
+        'NNUNETCAM_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'nnunetcam')))
+
+
+def default_cache() -> Path:
+    return cache_root() / f'tiny-models-nnunetv2-{version("nnunetv2")}-v{BUILD_VERSION}-seed{build_seed()}'
 
 
 def _seed_everything(seed: int) -> None:
@@ -106,16 +112,97 @@ def write_sample_case(folder: Path, seed: int = 123, shape=(36, 72, 72), spacing
     return path
 
 
-def _train(configuration: str, fold: int, seed: int, epochs: int = 12):
+class BuildProgress:
+    """One line per model on the terminal, with the time left; nnU-Net's own output goes to the build log."""
+
+    def __init__(self, label: str, models: int, stream=None):
+        self.label, self.models, self.n = label, models, 0
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+
+    def start(self, name: str) -> Callable[[int, int, float], None]:
+        self.n += 1
+        head = f'{self.label}: model {self.n}/{self.models} ({name})'
+        if not self.live:
+            print(f'{head}: training', file=self.stream, flush=True)
+
+        def epoch(done: int, total: int, elapsed: float):
+            left = elapsed / done * (total - done)
+            if done == total:
+                print(f'\r{head}: trained in {elapsed:.0f} s'.ljust(78), file=self.stream, flush=True)
+            elif self.live:
+                print(f'\r{head}: epoch {done}/{total}, about {left:.0f} s left'.ljust(78), end='',
+                      file=self.stream, flush=True)
+        return epoch
+
+
+def _train(dataset: str, configuration: str, fold, seed: int, progress: BuildProgress, epochs: int = 12,
+           iterations: int = 12, **kwargs):
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
+    os.environ['nnUNet_n_proc_DA'] = '0'  # augment in-process: no worker pool on a 2-core machine
     _seed_everything(seed)
-    trainer = get_trainer_from_args(DATASET_NAME, configuration, fold, device=torch.device('cpu'))
+    trainer = get_trainer_from_args(dataset, configuration, fold, device=torch.device('cpu'), **kwargs)
     # nnU-Net's own trainer, just far fewer iterations
     trainer.num_epochs = epochs
-    trainer.num_iterations_per_epoch = 12
+    trainer.num_iterations_per_epoch = iterations
     trainer.num_val_iterations_per_epoch = 2
+    report, end_epoch, t0 = progress.start(f'{configuration} fold {fold}'), trainer.on_epoch_end, time.monotonic()
+
+    def on_epoch_end():
+        end_epoch()
+        report(trainer.current_epoch, epochs, time.monotonic() - t0)
+    trainer.on_epoch_end = on_epoch_end
     trainer.run_training()
+
+
+def build_once(root: Path, label: str, steps: Callable[[Path], None]) -> Path:
+    """`steps(raw_dataset_root)` writes a dataset and plans, preprocesses and trains it with nnU-Net in a temporary
+    folder; its nnUNet_results become root/nnUNet_results, marked root/BUILT. Nothing half-built is left behind.
+    nnU-Net's output goes to root's build log, which is named on failure."""
+    results = root / 'nnUNet_results'
+    if (root / 'BUILT').is_file():
+        return results
+    root.parent.mkdir(parents=True, exist_ok=True)
+    log = root.parent / f'{root.name}.build.log'
+    tmp = Path(tempfile.mkdtemp(prefix='.building-', dir=root.parent))
+    keep = {k: os.environ.get(k) for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results', 'nnUNet_n_proc_DA')}
+    try:
+        os.environ.update(nnUNet_raw=str(tmp / 'nnUNet_raw'), nnUNet_preprocessed=str(tmp / 'nnUNet_preprocessed'),
+                          nnUNet_results=str(tmp / 'nnUNet_results'))
+        with open(log, 'w') as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            steps(tmp / 'nnUNet_raw')
+        import torch
+        torch.use_deterministic_algorithms(False)  # a CAM run may go on in this process
+        root.mkdir(parents=True, exist_ok=True)
+        if results.exists():
+            shutil.rmtree(results)
+        shutil.move(str(tmp / 'nnUNet_results'), str(results))
+    except BaseException as e:
+        print(f'\n{label}: building failed ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}); '
+              f'nnU-Net\'s log: {log}', file=sys.stderr, flush=True)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for k, v in keep.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    (root / 'BUILT').write_text(version('nnunetv2'))
+    return results
+
+
+def plan_and_preprocess(dataset_id: int, configurations, planners=('ExperimentPlanner',),
+                        plans: str = 'nnUNetPlans') -> None:
+    """nnU-Net's fingerprint, planners, and preprocessing of `configurations` with the `plans` identifier."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                      preprocess)
+    extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=True)
+    for planner in planners:
+        plan_experiments([dataset_id], planner)
+    preprocess([dataset_id], plans, configurations=tuple(configurations), num_processes=(1,) * len(configurations),
+               show_progress_bar=False)
 
 
 def _untrained_resenc(seed: int):
@@ -137,17 +224,11 @@ def _untrained_resenc(seed: int):
 def build_tiny_models(root: Path, n_train: int = 6) -> Path:
     """Dataset + plans + preprocessing + training for 2d (fold 0) and 3d_fullres (folds 0, 1), plus an untrained
     ResEnc M 3d_fullres model, all seeded. Returns the nnUNet_results folder."""
-    results = root / 'nnUNet_results'
-    done = root / 'BUILT'
-    if done.is_file():
-        return results
     seed = build_seed()
-    tmp = Path(tempfile.mkdtemp(prefix='.building-', dir=root.parent if root.parent.exists() else None))
-    try:
-        os.environ.update(nnUNet_raw=str(tmp / 'nnUNet_raw'), nnUNet_preprocessed=str(tmp / 'nnUNet_preprocessed'),
-                          nnUNet_results=str(tmp / 'nnUNet_results'))
+
+    def steps(raw_root: Path):
         import SimpleITK as sitk
-        raw = tmp / 'nnUNet_raw' / DATASET_NAME
+        raw = raw_root / DATASET_NAME
         (raw / 'imagesTr').mkdir(parents=True)
         (raw / 'labelsTr').mkdir()
         rng = np.random.default_rng(seed)
@@ -160,30 +241,13 @@ def build_tiny_models(root: Path, n_train: int = 6) -> Path:
         # 'CT' makes nnU-Net normalise with dataset-wide intensities, so a class's brightness means the same in every case
         (raw / 'dataset.json').write_text(json.dumps({
             'channel_names': {'0': 'CT'}, 'labels': LABELS, 'numTraining': n_train, 'file_ending': '.nii.gz'}))
-
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                          preprocess)
-        extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True)
-        plan_experiments([DATASET_ID])
-        plan_experiments([DATASET_ID], 'nnUNetPlannerResEncM')
-        preprocess([DATASET_ID], configurations=('2d', '3d_fullres'), num_processes=(1, 1), show_progress_bar=False)
-        os.environ['nnUNet_n_proc_DA'] = '0'  # augment in-process: no worker pool on a 2-core machine
-        _train('3d_fullres', 0, seed)
-        _train('3d_fullres', 1, seed + 1)
-        _train('2d', 0, seed + 2, epochs=30)
+        plan_and_preprocess(DATASET_ID, ('2d', '3d_fullres'), ('ExperimentPlanner', 'nnUNetPlannerResEncM'))
+        progress = BuildProgress('tiny models', 3)
+        _train(DATASET_NAME, '3d_fullres', 0, seed, progress)
+        _train(DATASET_NAME, '3d_fullres', 1, seed + 1, progress)
+        _train(DATASET_NAME, '2d', 0, seed + 2, progress, epochs=30)
         _untrained_resenc(seed + 3)
-        import torch
-        torch.use_deterministic_algorithms(False)  # the demo's own CAM run goes on in this process
-        root.mkdir(parents=True, exist_ok=True)
-        if results.exists():
-            shutil.rmtree(results)
-        shutil.move(str(tmp / 'nnUNet_results'), str(results))
-        shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # no half-built cache left behind
-        raise
-    done.write_text(version('nnunetv2'))
-    return results
+    return build_once(root, 'tiny models', steps)
 
 
 def model_folder(results: Path, configuration: str = '3d_fullres', plans: str = 'nnUNetPlans') -> Path:
@@ -197,7 +261,8 @@ def main(argv=None) -> int:
     p.add_argument('--build-only', action='store_true', help='only build (or find) the tiny models')
     args = p.parse_args(argv)
     root = args.cache or default_cache()
-    print(f'tiny models: {root} ({"cached" if (root / "BUILT").is_file() else "building, a few minutes on CPU"})')
+    print(f'tiny models: {root} ({"cached" if (root / "BUILT").is_file() else "building: about 10 min on two CPU cores"})',
+          flush=True)
     results = build_tiny_models(root)
     if args.build_only:
         print(results)
