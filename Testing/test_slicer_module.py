@@ -637,3 +637,77 @@ def test_catalog_entry_passes_the_extensions_index_checks_that_run_offline():
     # check_repository_size: under 100 MB checked out
     files = subprocess.run(['git', 'ls-files', '-z'], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert sum((ROOT / f).stat().st_size for f in files.split('\0') if f and (ROOT / f).is_file()) < 100 * 2 ** 20
+
+
+# --- other kinds of model (model_kinds.py) ---
+def segment_arrays(scene, segmentation, reference) -> dict:
+    """name -> the segment's voxels on the reference grid, one segment at a time (overlaps kept)."""
+    seg, out = segmentation.GetSegmentation(), {}
+    for i in range(seg.GetNumberOfSegments()):
+        labelmap = scene.AddNewNodeByClass('vtkMRMLLabelMapVolumeNode', 'export')
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(seg.GetNthSegmentID(i))
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, labelmap,
+                                                                                    reference)
+        out[seg.GetNthSegment(i).GetName()] = slicer.util.arrayFromVolume(labelmap) > 0
+        scene.RemoveNode(labelmap)
+    return out
+
+
+def test_region_model_loads_one_segment_per_region_and_they_overlap(scene, tmp_path):
+    from conftest import kind_model
+    from nnunetv2_cam_core.model_kinds import write_kind_case
+    model = kind_model('regions')
+    case = write_kind_case('regions', tmp_path / 'case')
+    volume = load_volume(scene, case / 'case_0000.nii.gz', 'Kidney CT')
+    transform = scene.AddNewNodeByClass('vtkMRMLLinearTransformNode', 'registration')  # not the identity
+    transform.SetMatrixTransformToParent(volumes._matrix(oblique_ijk_to_ras()))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    (tmp_path / 'tmp').mkdir()
+    logic = NNUNetCAMLogic(scene, temp_root=str(tmp_path / 'tmp'))
+    result = logic.run(volume, model, targetClass=['kidney', 'masses'], layers=['last_decoder'], device='cpu',
+                       tta=False, outputFolder=str(tmp_path / 'kept'))
+    assert set(result.cams) == {'kidney', 'masses'}
+    segments = segment_arrays(scene, result.segmentation, volume)
+    assert list(segments) == ['kidney', 'masses', 'tumor']  # dataset.json's regions, in its order
+    assert result.segmentation.GetTransformNodeID() == transform.GetID()
+    labels = slicer.util.arrayFromVolume(load_volume(scene, tmp_path / 'kept' / 'Kidney_CT.nii.gz', 'labels'))
+    for name, covered in {'kidney': [1, 2, 3], 'masses': [2, 3], 'tumor': [2]}.items():
+        np.testing.assert_array_equal(segments[name], np.isin(labels, covered))
+    assert segments['masses'].any() and (segments['masses'] <= segments['kidney']).all()
+    assert (segments['tumor'] <= segments['masses']).all()
+    colors = {tuple(result.segmentation.GetSegmentation().GetNthSegment(i).GetColor()) for i in range(3)}
+    assert len(colors) == 3
+
+
+def test_panel_runs_a_two_channel_model_through_its_channel_selectors(app, scene, tmp_path):
+    """Selectors labelled from channel_names, the ignore label never offered, and Apply runs the real core on the
+    volumes picked for each channel."""
+    from conftest import kind_model
+    from nnunetv2_cam_core.model_kinds import write_kind_case
+    model = kind_model('multichannel')
+    case = write_kind_case('multichannel', tmp_path / 'case')
+    t1, t2 = (load_volume(scene, case / f'case_{c:04d}.nii.gz', name) for c, name in enumerate(('MR T1', 'MR T2')))
+    module = load_module()
+    widget = open_panel(module)
+    ui = widget.ui
+    ui.modelFolderPathLineEdit.currentPath = str(model)
+    app.runPending()
+    assert ui.inputVolumeLabel.text == 'T1 volume:' and ui.channel1Label.text == 'T2 (channel 1):'
+    assert ui.channel1Selector.visible and not ui.channel2Selector.visible
+    assert [item[0] for item in ui.targetClassComboBox.items] == ['lesion', 'cyst']
+    ui.inputVolumeSelector.setCurrentNode(t1)
+    ui.channel1Selector.setCurrentNode(t2)
+    ui.targetClassComboBox.currentText = 'lesion'
+    ui.deviceComboBox.currentText = 'cpu'
+    ui.ttaCheckBox.checked = False
+    assert ui.applyButton.enabled
+    ui.applyButton.clicked.emit(False)
+    app.runPending(seconds=300)
+    assert app.slotErrors == [] and not [d for d in app.dialogs if d[0] == 'error'], app.dialogs
+    assert ui.statusLabel.text.startswith('Done'), ui.statusLabel.text
+    cam = widget._parameterNode.camVolume
+    assert cam.GetName() == 'MR T1 CAM lesion gradcam'
+    assert cam.GetImageData().GetDimensions() == t1.GetImageData().GetDimensions()
+    arr = slicer.util.arrayFromVolume(cam)
+    assert np.isfinite(arr).all() and arr.max() == pytest.approx(1.0)

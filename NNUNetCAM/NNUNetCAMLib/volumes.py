@@ -68,19 +68,40 @@ def load_scalar(scene, path: Path, name: str, reference):
     return node
 
 
-def load_segmentation(scene, path: Path, name: str, reference, labels: Dict[str, object]):
-    """The label file as a segmentation node, one segment per label value present, named and coloured from
-    dataset.json's labels."""
+def load_segmentation(scene, path: Path, name: str, reference, labels: Dict[str, object],
+                      regions: Optional[Dict[str, list]] = None):
+    """The label file as a segmentation node, named and coloured from dataset.json's labels: one segment per label
+    value present, or for a region model one segment per region (the voxels holding any of its labels), which
+    may overlap as the regions do."""
     labelmap = scene.AddNewNodeByClass('vtkMRMLLabelMapVolumeNode', name + ' labelmap')
     segmentation = scene.AddNewNodeByClass('vtkMRMLSegmentationNode', name)
     try:
         _read_into(labelmap, path, reference)
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
         segmentation.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
+        seg = segmentation.GetSegmentation()
+        if regions:
+            values = slicer.util.arrayFromVolume(labelmap).copy()
+            for k, (region, covered) in enumerate(regions.items()):
+                # each region its own labelmap (a layer of its own), so that regions overlap
+                slicer.util.arrayFromVolume(labelmap)[:] = np.isin(values, covered)
+                slicer.util.arrayFromVolumeModified(labelmap)
+                # under the segmentation's own parent transform (the input's): no resampling, no transform twice
+                image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(
+                    labelmap, segmentation.GetParentTransformNode())
+                if image is None:
+                    raise ValueError(f'could not import region {region!r} of {Path(path).name}')
+                image.UnRegister(None)  # a New()'d object: take ownership, as Slicer's own scripts do
+                segment = slicer.vtkSegment()
+                segment.SetName(region)
+                segment.SetColor(*SEGMENT_COLORS[k % len(SEGMENT_COLORS)])
+                segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), image)
+                if not seg.AddSegment(segment, region):
+                    raise ValueError(f'could not import region {region!r} of {Path(path).name}')
+            return segmentation
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
             raise ValueError(f'could not import {Path(path).name} as a segmentation')
         names = {v: k for k, v in labels.items() if isinstance(v, int)}
-        seg = segmentation.GetSegmentation()
         for i in range(seg.GetNumberOfSegments()):
             segment = seg.GetNthSegment(i)
             value = segment.GetLabelValue()
