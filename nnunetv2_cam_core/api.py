@@ -3,6 +3,7 @@ import json
 import os
 import platform
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -18,6 +19,7 @@ from .export import CaseOutputs, cam_format, maps_to_original, segmentation_to_o
 from .inputs import find_cases, read_case, read_label
 from .layers import resolve_layers
 from .methods import get_method
+from .cascade import PreviousStage
 from .model import fold_networks, require_previous_stage
 from .progress import Progress
 from .sliding_window import CamSpec, sliding_window_cam
@@ -63,11 +65,7 @@ class CamEngine:
     def input_channel_names(self, n: int) -> List[str]:
         """The network's input channels: dataset.json's channel names, then a cascade's previous-stage one-hot
         channels (not images)."""
-        p = self.predictor
-        names = p.dataset_json.get('channel_names', p.dataset_json.get('modality', {}))
-        images = [names[k] for k in sorted(names, key=int)]
-        extra = [f'previous stage: {t}' for t in p.label_manager.foreground_labels]
-        return (images + extra)[:n]
+        return input_channel_names(self.predictor)[:n]
 
     def preprocess(self, files: Sequence[str], target_mask: Optional[str] = None,
                    prev_stage: Optional[str] = None):
@@ -157,6 +155,17 @@ class CamEngine:
         return CaseResult(seg, cams, raws, info)
 
 
+def input_channel_names(predictor) -> List[str]:
+    """The image channels (dataset.json), then for a cascade stage the previous stage's one-hot channels, one per
+    foreground label, as nnU-Net stacks them."""
+    names = predictor.dataset_json.get('channel_names', predictor.dataset_json.get('modality', {}))
+    images = [names[k] for k in sorted(names, key=int)]
+    if not predictor.configuration_manager.previous_stage_name:
+        return images
+    label_names = {v: k for k, v in predictor.dataset_json['labels'].items() if isinstance(v, int)}
+    return images + [f'previous stage: {label_names.get(v, v)}' for v in predictor.label_manager.foreground_labels]
+
+
 def predict_with_cam(predictor, data: Union[np.ndarray, torch.Tensor], properties: dict, target_layer=None,
                      target_class=1, method: str = 'gradcam', **options):
     """Lower-level entry: an initialised nnUNetPredictor, a preprocessed (C, *shape) array and its properties
@@ -191,10 +200,14 @@ def check_writable(folder: Path) -> None:
 
 
 def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str, Path], *,
-              target_mask: Optional[str] = None, prev_stage_folder: Optional[str] = None, save_raw: bool = False,
+              target_mask: Optional[str] = None, prev_stage_folder: Optional[str] = None,
+              previous_stage_model: Optional[Union[str, Path]] = None, folds: Optional[Sequence] = None,
+              checkpoint: str = 'checkpoint_final.pth', save_raw: bool = False,
               save_numpy: bool = False, save_slices: bool = False, overwrite: bool = False,
               progress: Optional[Progress] = None, run_info: Optional[dict] = None) -> Dict[str, CaseResult]:
-    """Every case in `inputs` -> files in `output_folder`, one case at a time, each written atomically."""
+    """Every case in `inputs` -> files in `output_folder`, one case at a time, each written atomically. A cascade
+    stage takes its previous stage's segmentations from `prev_stage_folder`, or runs `previous_stage_model` (with
+    the cascade's `folds` where it has them) first, as nnU-Net would, keeping nothing of it."""
     p = engine.predictor
     progress = progress or Progress('none')
     out_dir = Path(output_folder)
@@ -209,64 +222,85 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
         raise UsageError('--target-mask applies to one case; pass a single case with it')
     method = engine.method.name
     results = {}
-    for case, files in cases.items():
-        progress.case = case
-        if (out_dir / f'{case}_cam.json').is_file() and not overwrite:
-            progress.emit('skip', message=f'{case}: outputs exist in {out_dir}, skipped (use --overwrite to redo)')
-            continue
-        t0 = time.perf_counter()
-        progress.stage('preprocess', case)
-        prev = None
-        if prev_stage_folder is not None:
-            prev = os.path.join(prev_stage_folder, case + ending)
-            if not os.path.isfile(prev):
-                raise UsageError(f'no previous-stage segmentation {prev}; run the previous stage on {case} first')
-        data, props, mask, image = engine.preprocess(files, target_mask, prev)
-        fmt = cam_format(rw, props)  # a model whose maps cannot be written fails here, before the work
-        t1 = time.perf_counter()
-        progress.stage('tiles', case)
-        res = engine.run(data, props, mask, on_tile=progress.tiles)
-        progress.stage('export', case)
-        if res.info['out_of_memory_retry']:
-            progress.emit('warning', message=f'{case}: the device ran out of memory; finished in low-memory mode '
-                                             f'(result arrays on the CPU, one forward graph at a time)')
-        for name, st in res.info['classes'].items():
-            if st['raw_max'] == 0:
-                progress.emit('warning', message=f'{case}: target {name!r} is absent (no voxels predicted as it, or '
-                                                 f'no activation); wrote a zero map')
-        with CaseOutputs(out_dir) as co:
-            rw.write_seg(res.segmentation, co.path(case + ending), props)
-            files_by_class = {}
-            for name in res.cams:
-                stem = f'{case}_cam_{_safe(name)}_{_safe(method)}'
-                files_by_class[name] = write_map(res.cams[name], co, stem, ending, props, fmt)
-                if save_raw:
-                    write_map(res.raw[name], co, f'{case}_camraw_{_safe(name)}_{_safe(method)}', ending, props, fmt,
-                              normalised=False)
-                if save_numpy and fmt != 'png':  # PNG models get the .npy anyway
-                    np.save(co.path(stem + '.npy'), res.cams[name])
-                if save_slices:
-                    save_slices_dir = co.path(stem + '_slices')
-                    write_slices(image, res.cams[name], save_slices_dir, case)
-            if save_slices:
-                write_overview(image, res.segmentation, res.cams, co.path(f'{case}_overview.png'))
-            timings = {'preprocess': round(t1 - t0, 3), **res.info['timings_s'],
-                       'total': round(time.perf_counter() - t0, 3)}
-            sidecar = {**(run_info or {}), 'case': case, 'inputs': list(files), 'method': method,
-                       'layers': engine.layers, 'pooling': engine.pooling if engine.method.pooled else None,
-                       'target_region': 'mask' if target_mask else engine.region, 'target_mask': target_mask,
-                       'tta': bool(p.use_mirroring and p.allowed_mirroring_axes), 'step_size': p.tile_step_size,
-                       'low_memory': res.info['low_memory'], 'cam_format': fmt,
-                       'device': str(p.device), 'tiles': res.info['tiles'], 'timings_s': timings,
-                       'segmentation': case + ending, 'cams': files_by_class, 'classes': res.info['classes'],
-                       'versions': _versions()}
-            with open(co.path(f'{case}_cam.json'), 'w') as f:
-                json.dump(sidecar, f, indent=2)
-            written = co.commit()
-        progress.emit('result', files=sorted(written.values()),
-                      message=f'{case}: wrote {len(written)} outputs to {out_dir}')
-        results[case] = res
+    previous = None
+    if p.configuration_manager.previous_stage_name and prev_stage_folder is None and previous_stage_model:
+        previous = PreviousStage(Path(previous_stage_model), folds, checkpoint, p)
+    with tempfile.TemporaryDirectory(prefix='.nnunetcam-previous-stage-', dir=out_dir) as previous_out:
+        for case, files in cases.items():
+            res = _run_case(engine, case, files, out_dir, rw, ending, method, target_mask, prev_stage_folder,
+                            previous, Path(previous_out), save_raw, save_numpy, save_slices, overwrite, progress,
+                            run_info)
+            if res is not None:
+                results[case] = res
     return results
+
+
+def _run_case(engine, case, files, out_dir, rw, ending, method, target_mask, prev_stage_folder, previous,
+              previous_out, save_raw, save_numpy, save_slices, overwrite, progress, run_info):
+    p = engine.predictor
+    progress.case = case
+    if (out_dir / f'{case}_cam.json').is_file() and not overwrite:
+        progress.emit('skip', message=f'{case}: outputs exist in {out_dir}, skipped (use --overwrite to redo)')
+        return None
+    t0 = time.perf_counter()
+    prev = None
+    if previous is not None:
+        prev = previous.segment(case, files, previous_out, progress)
+    elif prev_stage_folder is not None:
+        prev = os.path.join(prev_stage_folder, case + ending)
+        if not os.path.isfile(prev):
+            raise UsageError(f'no previous-stage segmentation {prev}; run the previous stage on {case} first')
+    t_previous = time.perf_counter()
+    progress.stage('preprocess', case)
+    data, props, mask, image = engine.preprocess(files, target_mask, prev)
+    fmt = cam_format(rw, props)  # a model whose maps cannot be written fails here, before the work
+    t1 = time.perf_counter()
+    progress.stage('tiles', case)
+    res = engine.run(data, props, mask, on_tile=progress.tiles)
+    progress.stage('export', case)
+    if res.info['out_of_memory_retry']:
+        progress.emit('warning', message=f'{case}: the device ran out of memory; finished in low-memory mode '
+                                         f'(result arrays on the CPU, one forward graph at a time)')
+    for name, st in res.info['classes'].items():
+        if st['raw_max'] == 0:
+            progress.emit('warning', message=f'{case}: target {name!r} is absent (no voxels predicted as it, or '
+                                             f'no activation); wrote a zero map')
+    with CaseOutputs(out_dir) as co:
+        rw.write_seg(res.segmentation, co.path(case + ending), props)
+        files_by_class = {}
+        for name in res.cams:
+            stem = f'{case}_cam_{_safe(name)}_{_safe(method)}'
+            files_by_class[name] = write_map(res.cams[name], co, stem, ending, props, fmt)
+            if save_raw:
+                write_map(res.raw[name], co, f'{case}_camraw_{_safe(name)}_{_safe(method)}', ending, props, fmt,
+                          normalised=False)
+            if save_numpy and fmt != 'png':  # PNG models get the .npy anyway
+                np.save(co.path(stem + '.npy'), res.cams[name])
+            if save_slices:
+                save_slices_dir = co.path(stem + '_slices')
+                write_slices(image, res.cams[name], save_slices_dir, case)
+        if save_slices:
+            write_overview(image, res.segmentation, res.cams, co.path(f'{case}_overview.png'))
+        timings = {'previous_stage': round(t_previous - t0, 3), 'preprocess': round(t1 - t_previous, 3),
+                   **res.info['timings_s'],
+                   'total': round(time.perf_counter() - t0, 3)}
+        sidecar = {**(run_info or {}), 'case': case, 'inputs': list(files), 'method': method,
+                   'layers': engine.layers, 'pooling': engine.pooling if engine.method.pooled else None,
+                   'target_region': 'mask' if target_mask else engine.region, 'target_mask': target_mask,
+                   'tta': bool(p.use_mirroring and p.allowed_mirroring_axes), 'step_size': p.tile_step_size,
+                   'low_memory': res.info['low_memory'], 'cam_format': fmt,
+                   'input_channels': engine.input_channel_names(data.shape[0]),
+                   'previous_stage': None if previous is None else {'model': str(previous.folder),
+                                                                    'folds': previous.folds},
+                   'device': str(p.device), 'tiles': res.info['tiles'], 'timings_s': timings,
+                   'segmentation': case + ending, 'cams': files_by_class, 'classes': res.info['classes'],
+                   'versions': _versions()}
+        with open(co.path(f'{case}_cam.json'), 'w') as f:
+            json.dump(sidecar, f, indent=2)
+        written = co.commit()
+    progress.emit('result', files=sorted(written.values()),
+                  message=f'{case}: wrote {len(written)} outputs to {out_dir}')
+    return res
 
 
 def run_cam_for_prediction(predictor, input_files, output_folder, target_layer=None, target_class=1,

@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument('-o', '--output', help='output folder')
     io.add_argument('--target-mask', help='label file in the input image\'s geometry: explain the class over '
                                           'these voxels (one case)')
-    io.add_argument('-prev_stage_predictions', help='folder with previous-stage segmentations (cascade models)')
+    io.add_argument('-prev_stage_predictions', help='folder with previous-stage segmentations (cascade models; '
+                                                    'default: run the previous stage\'s model folder next to it)')
     io.add_argument('--overwrite', action='store_true', help='redo cases whose outputs exist (default: skip them)')
     io.add_argument('--save-raw', action='store_true', help='also write the unnormalised CAM')
     io.add_argument('--save-numpy', action='store_true', help='also write the CAM as .npy')
@@ -101,13 +102,16 @@ def _list_methods(as_json: bool) -> None:
 
 
 def _load(args):
-    from .model import (check_cascade, configuration_of, load_predictor, resolve_device, resolve_folds,
+    from .cascade import previous_stage_folder
+    from .model import (configuration_of, load_predictor, previous_stage_of, resolve_device, resolve_folds,
                         resolve_model_folder)
     folder = resolve_model_folder(args.model, args.d, args.c, args.tr, args.p)
     folds = resolve_folds(folder, args.folds, args.checkpoint)
     configuration = configuration_of(folder, folds[0], args.checkpoint)
-    if not args.list_layers:
-        check_cascade(folder, configuration, args.prev_stage_predictions)
+    previous = previous_stage_of(folder, configuration)
+    args.previous_stage_model = None
+    if previous and not args.list_layers and not args.prev_stage_predictions:
+        args.previous_stage_model = previous_stage_folder(folder, previous)  # before loading: fail early
     device = resolve_device(args.device)
     predictor = load_predictor(folder, folds, args.checkpoint, device, args.step_size, not args.disable_tta)
     return folder, folds, configuration, predictor
@@ -123,6 +127,11 @@ def _list_layers(args, as_json: bool, out) -> None:
     if as_json:
         print(json.dumps(rows), file=out)
         return
+    from .api import input_channel_names
+    names = input_channel_names(pred)
+    images = [n for n in names if not n.startswith('previous stage: ')]
+    print(f'input channels: {", ".join(images)} (images)' + (
+        f'; {", ".join(names[len(images):])} (one-hot, not images)' if len(names) > len(images) else ''), file=out)
     print(f'{"layer":45s} {"type":22s} {"output (C, *spatial)":24s} {"stride":14s}', file=out)
     for r in rows:
         print(f'{r["name"]:45s} {r["type"]:22s} {str(r["shape"]):24s} {str(r["stride"]):14s} {r["mark"]}', file=out)
@@ -138,8 +147,11 @@ def run(args, progress: Progress) -> int:
                        args.target_region, args.pool_size, args.pool_mode, args.low_memory,
                        args.channel_attribution)
     run_info = {'model': str(folder), 'configuration': configuration, 'trainer': predictor.trainer_name, 'folds': list(folds), 'checkpoint': args.checkpoint}
+    if args.previous_stage_model:
+        run_info['previous_stage_model'] = str(args.previous_stage_model)
     run_cases(engine, args.input, args.output, target_mask=args.target_mask,
-              prev_stage_folder=args.prev_stage_predictions, save_raw=args.save_raw, save_numpy=args.save_numpy,
+              prev_stage_folder=args.prev_stage_predictions, previous_stage_model=args.previous_stage_model,
+              folds=folds, checkpoint=args.checkpoint, save_raw=args.save_raw, save_numpy=args.save_numpy,
               save_slices=args.save_slices and not args.no_save_slices, overwrite=args.overwrite, progress=progress,
               run_info=run_info)
     progress.stage('done')

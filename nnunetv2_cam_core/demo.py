@@ -117,7 +117,7 @@ class BuildProgress:
 
     def __init__(self, label: str, models: int, stream=None):
         self.label, self.models, self.n = label, models, 0
-        self.stream = stream or sys.stderr
+        self.stream = stream or sys.__stderr__  # the terminal: nnU-Net's own output goes to the build log
         self.live = self.stream.isatty()
 
     def start(self, name: str) -> Callable[[int, int, float], None]:

@@ -61,11 +61,10 @@ def require_previous_stage(previous_stage: Optional[str], given: Optional[str]) 
                          f'-prev_stage_predictions FOLDER (one CASE file per case, named like the images\' case id)')
 
 
-def check_cascade(folder: Path, configuration: Optional[str], prev_stage_predictions: Optional[str]) -> None:
-    """Before loading: a cascade stage has extra input channels for the previous stage's segmentation."""
+def previous_stage_of(folder: Path, configuration: Optional[str]) -> Optional[str]:
+    """The configuration a cascade stage follows (plans.json), None for any other model."""
     plans = json.loads((folder / 'plans.json').read_text())
-    conf = plans.get('configurations', {}).get(configuration, {})
-    require_previous_stage(conf.get('previous_stage'), prev_stage_predictions)
+    return plans.get('configurations', {}).get(configuration, {}).get('previous_stage')
 
 
 def available_folds(folder: Path, checkpoint: str) -> List[Union[int, str]]:

@@ -4,6 +4,7 @@ and cached next to the main tiny models: `regions` (KiTS-like overlapping region
 residual-encoder U-Net) and `png` (natural images, RGB in one file). `python -m nnunetv2_cam_core.model_kinds KIND ...` builds them."""
 import argparse
 import json
+import os
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -148,7 +149,6 @@ def _cascade(spec: dict, seed: int) -> None:
     """nnU-Net's plan plus a 3d_lowres stage (twice the spacing, half the patch where the network's strides
     allow) and a 3d_cascade_fullres stage after it; the low-resolution stage trains on every case (fold 'all'), and
     its own validation writes the segmentations the cascade stage trains on, as `nnUNetv2_train` does."""
-    import os
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
                                                                       preprocess)
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -210,6 +210,8 @@ def write_kind_case(kind: str, folder: Path, seed: int = 321, name: str = 'case'
 
 
 def main(argv=None) -> int:
+    # nnU-Net's validation (the cascade's low-resolution stage) exports through a spawned pool: one worker, not 8
+    os.environ.setdefault('nnUNet_def_n_proc', '1')
     p = argparse.ArgumentParser(description='Build (or find) the tiny models of other kinds; prints their folders.')
     p.add_argument('kinds', nargs='*', metavar='KIND', help=f'any of {", ".join(KINDS)} (default: all)')
     args = p.parse_args(argv)

@@ -25,8 +25,9 @@ from .process import CoreProcess, run_to_end, stdout_of
 
 WRITABLE_ENDINGS = ('.nii.gz', '.nii', '.nrrd', '.mha', '.mhd')
 # progress bar share of each core stage: (start, end)
-STAGES = {'load': (0.0, 0.08, 'Loading the model'), 'preprocess': (0.08, 0.12, 'Preprocessing'),
-          'tiles': (0.12, 0.92, 'Sliding window'), 'export': (0.92, 0.97, 'Writing results'),
+STAGES = {'load': (0.0, 0.06, 'Loading the model'),
+          'previous_stage': (0.06, 0.10, 'Low-resolution stage of the cascade (segmentation only)'),
+          'preprocess': (0.10, 0.13, 'Preprocessing'), 'tiles': (0.13, 0.92, 'Sliding window'), 'export': (0.92, 0.97, 'Writing results'),
           'done': (0.97, 0.99, 'Loading results into Slicer')}
 
 
