@@ -49,10 +49,12 @@ def kind_model(kind: str) -> Path:
     return build_kind(kind)
 
 
-def nnunet_predict(model: Path, inputs: Path, out: Path, folds, tta: bool) -> Path:
-    """nnU-Net's own prediction, as a user runs it."""
+def nnunet_predict(model: Path, inputs: Path, out: Path, folds, tta: bool, prev_stage: Path = None) -> Path:
+    """nnU-Net's own prediction, as a user runs it (a cascade stage with the previous stage's folder)."""
     cmd = ['nnUNetv2_predict_from_modelfolder', '-i', str(inputs), '-o', str(out), '-m', str(model),
            '-f', *map(str, folds), '-device', 'cpu', '-npp', '1', '-nps', '1']
+    if prev_stage is not None:
+        cmd += ['-prev_stage_predictions', str(prev_stage)]
     if not tta:
         cmd.append('--disable_tta')
     subprocess.run([os.path.join(os.path.dirname(sys.executable), cmd[0]), *cmd[1:]], check=True,
@@ -147,8 +149,8 @@ class LogitsPair:
             return_probabilities=True)
 
 
-def logits_pair(model: Path, folds, case, tta: bool = False) -> LogitsPair:
-    """`case`: an image file, or a case's channel files."""
+def logits_pair(model: Path, folds, case, tta: bool = False, prev_stage: str = None) -> LogitsPair:
+    """`case`: an image file, or a case's channel files; `prev_stage`: a cascade's previous-stage segmentation."""
     from nnunetv2.inference import predict_from_raw_data
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
     from nnunetv2_cam_core.api import CamEngine
@@ -156,7 +158,8 @@ def logits_pair(model: Path, folds, case, tta: bool = False) -> LogitsPair:
     from nnunetv2_cam_core.sliding_window import CamSpec, sliding_window_cam
     pred = load_predictor(model, folds, 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=tta)
     engine = CamEngine(pred)
-    data, props, _, _ = engine.preprocess([str(c) for c in (case if isinstance(case, (list, tuple)) else [case])])
+    data, props, _, _ = engine.preprocess([str(c) for c in (case if isinstance(case, (list, tuple)) else [case])],
+                                          prev_stage=prev_stage)
     ours = sliding_window_cam(pred, engine.networks, data, CamSpec(engine.method, engine.layers, engine.targets))
     peak = [0.0]
 

@@ -263,3 +263,70 @@ def test_resenc_block_outputs_are_captured_as_the_layer_returned_them(tmp_path):
                        method) == 0
         cam = sitk.GetArrayFromImage(read(out / f'case_cam_kidney_{method}.nii.gz'))
         assert np.isfinite(cam).all() and cam.min() >= 0 and cam.max() == pytest.approx(1.0)
+
+
+# --- the cascade: 3d_lowres -> 3d_cascade_fullres ---
+@pytest.fixture(scope='session')
+def cascade_model() -> Path:
+    """The 3d_cascade_fullres folder; its 3d_lowres folder is next to it."""
+    return kind_model('cascade')
+
+
+@pytest.fixture(scope='session')
+def cascade_case(cascade_model, tmp_path_factory):
+    """A case, and its low-resolution segmentation from nnUNetv2_predict."""
+    case_dir = write_kind_case('cascade', tmp_path_factory.mktemp('cascade_case'))
+    lowres = cascade_model.parent / 'nnUNetTrainer__nnUNetPlans__3d_lowres'
+    prev = nnunet_predict(lowres, case_dir, tmp_path_factory.mktemp('lowres'), ['all'], tta=False)
+    return case_dir, prev
+
+
+def test_cascade_with_previous_stage_predictions_equals_nnunets_cascade(cascade_model, cascade_case, tmp_path):
+    case_dir, prev = cascade_case
+    out = tmp_path / 'out'
+    assert cam_run(cascade_model, case_dir, out, '-prev_stage_predictions', prev, '--target-class', 'kidney',
+                   'tumor') == 0
+    ref = nnunet_predict(cascade_model, case_dir, tmp_path / 'ref', [0], tta=False, prev_stage=prev)
+    ours = sitk.GetArrayFromImage(read(out / 'case.nii.gz'))
+    theirs = sitk.GetArrayFromImage(read(ref / 'case.nii.gz'))
+    assert {1, 2} <= set(np.unique(theirs)), 'the reference misses a class: model too weak for the test'
+    assert_equals_nnunet(ours, theirs, logits_pair(cascade_model, [0], channel_files(case_dir),
+                                                   prev_stage=str(prev / 'case.nii.gz')))
+    side = json.loads((out / 'case_cam.json').read_text())
+    # the previous stage's one-hot channels are inputs, not images
+    assert side['input_channels'] == ['CT', 'previous stage: kidney', 'previous stage: tumor', 'previous stage: cyst']
+    assert side['previous_stage'] is None
+    maps = [sitk.GetArrayFromImage(read(out / side['cams'][n])) for n in ('kidney', 'tumor')]
+    assert all(np.isfinite(m).all() and 0 <= m.min() and m.max() == pytest.approx(1) for m in maps)
+    assert not np.allclose(maps[0], maps[1], atol=0.05)
+    assert geometry(read(out / side['cams']['kidney'])) == geometry(read(case_dir / 'case_0000.nii.gz'))
+
+
+def test_cascade_runs_its_low_resolution_stage_by_itself(cascade_model, cascade_case, tmp_path, capsys):
+    """Pointed at the cascade's folder alone, the CLI runs the 3d_lowres model next to it first, as nnU-Net would,
+    and keeps nothing of it: the same segmentation as the two-step run."""
+    case_dir, prev = cascade_case
+    two_step, auto = tmp_path / 'two_step', tmp_path / 'auto'
+    assert cam_run(cascade_model, case_dir, two_step, '-prev_stage_predictions', prev, '--target-class', 'kidney') == 0
+    capsys.readouterr()
+    assert main(['-i', str(case_dir), '-o', str(auto), '-m', str(cascade_model), '--target-class', 'kidney',
+                 '-device', 'cpu', '--disable_tta', '--progress', 'json']) == 0
+    stages = [e['stage'] for e in map(json.loads, capsys.readouterr().out.splitlines()) if e['event'] == 'stage']
+    assert stages.index('previous_stage') < stages.index('preprocess') < stages.index('tiles')
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read(auto / 'case.nii.gz')),
+                                  sitk.GetArrayFromImage(read(two_step / 'case.nii.gz')))
+    side = json.loads((auto / 'case_cam.json').read_text())
+    assert side['previous_stage'] == {'model': str(cascade_model.parent / 'nnUNetTrainer__nnUNetPlans__3d_lowres'),
+                                      'folds': ['all']}
+    assert sorted(f.name for f in auto.iterdir() if f.name.startswith('.')) == []
+
+
+def test_cascade_without_its_low_resolution_model_is_one_line(cascade_model, cascade_case, tmp_path, capsys):
+    import shutil
+    alone = tmp_path / 'Dataset985_TinyCascade' / cascade_model.name
+    shutil.copytree(cascade_model, alone)
+    case_dir, _ = cascade_case
+    capsys.readouterr()
+    assert cam_run(alone, case_dir, tmp_path / 'out', '--target-class', 'kidney') == 2
+    line = last_line_error(capsys)
+    assert '3d_lowres' in line and '-prev_stage_predictions' in line

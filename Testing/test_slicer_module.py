@@ -711,3 +711,26 @@ def test_panel_runs_a_two_channel_model_through_its_channel_selectors(app, scene
     assert cam.GetImageData().GetDimensions() == t1.GetImageData().GetDimensions()
     arr = slicer.util.arrayFromVolume(cam)
     assert np.isfinite(arr).all() and arr.max() == pytest.approx(1.0)
+
+
+def test_cascade_model_folder_just_works_and_progress_shows_both_stages(scene, tmp_path):
+    from conftest import kind_model
+    from nnunetv2_cam_core.model_kinds import write_kind_case
+    model = kind_model('cascade')
+    case = write_kind_case('cascade', tmp_path / 'case')
+    volume = load_volume(scene, case / 'case_0000.nii.gz', 'Abdomen CT')
+    (tmp_path / 'tmp').mkdir()
+    logic = NNUNetCAMLogic(scene, temp_root=str(tmp_path / 'tmp'))
+    progress = []
+    result = logic.run(volume, model, targetClass=['kidney'], device='cpu', tta=False,
+                       onProgress=lambda f, text: progress.append((f, text)))
+    texts = [t for _, t in progress]
+    first_low = next(i for i, t in enumerate(texts) if t.startswith('Low-resolution stage'))
+    first_tile = next(i for i, t in enumerate(texts) if t.startswith('Sliding window'))
+    assert first_low < first_tile
+    fractions = [f for f, _ in progress]
+    assert fractions == sorted(fractions)  # never backwards
+    assert set(result.cams) == {'kidney'} and result.sidecar['previous_stage']['folds'] == ['all']
+    arr = slicer.util.arrayFromVolume(result.cams['kidney'])
+    assert np.isfinite(arr).all() and arr.max() == pytest.approx(1.0)
+    assert list(tmp_path.joinpath('tmp').iterdir()) == []
