@@ -160,7 +160,7 @@ def scaling(model, device, work, quick) -> list:
     """Whole-process time of segmentation + CAM against the number of tiles (case size)."""
     from nnunetv2_cam_core.demo import SPACING
     points = []
-    sizes = [(20, 48, 48), (24, 80, 80)] if quick else [(20, 48, 48), (28, 96, 96), (40, 144, 144)]
+    sizes = [(20, 48, 48), (20, 64, 64)] if quick else [(20, 48, 48), (28, 96, 96), (40, 144, 144)]
     for shape in sizes:
         case = make_case(work / f'scale_{shape[1]}', shape, SPACING)
         out = work / f'scale_out_{shape[1]}'
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         # 75 tiles for the 3D model (patch 20x48x48, step 0.5: 3 x 5 x 5); the 2D model runs slice by slice
-        shape3d = (24, 80, 80) if args.quick else (40, 144, 144)
+        shape3d = (20, 64, 64) if args.quick else (40, 144, 144)
         case3d = make_case(work / 'case3d', shape3d, SPACING)
         bench_model('tiny 3d_fullres', model_folder(results, '3d_fullres'), case3d, args.device, rows,
                     work / 'r3d', old_py, why, args.quick)
