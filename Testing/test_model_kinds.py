@@ -330,3 +330,38 @@ def test_cascade_without_its_low_resolution_model_is_one_line(cascade_model, cas
     assert cam_run(alone, case_dir, tmp_path / 'out', '--target-class', 'kidney') == 2
     line = last_line_error(capsys)
     assert '3d_lowres' in line and '-prev_stage_predictions' in line
+
+
+# --- building the tiny models ---
+def test_model_builds_show_one_line_per_model_and_name_their_log_on_failure(tmp_path, capsys):
+    import io
+    from nnunetv2_cam_core.demo import BuildProgress, build_once
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    for stream in (Terminal(), io.StringIO()):
+        progress = BuildProgress('tiny models', 2, stream)
+        for name in ('3d_fullres fold 0', '2d fold 0'):
+            epoch = progress.start(name)
+            for done in (1, 2, 3):
+                epoch(done, 3, 2.0 * done)
+        lines = [line.rstrip() for line in stream.getvalue().replace('\r', '\n').split('\n')]
+        assert any(line.startswith('tiny models: model 1/2 (3d_fullres fold 0): trained in 6 s') for line in lines)
+        assert any(line.startswith('tiny models: model 2/2 (2d fold 0): trained in 6 s') for line in lines)
+        if isinstance(stream, Terminal):  # a live line: epochs and the time left, overwritten in place
+            assert 'tiny models: model 1/2 (3d_fullres fold 0): epoch 1/3, about 4 s left' in lines
+        else:  # a log file or CI: no per-epoch lines
+            assert len([line for line in lines if line.strip()]) == 4
+
+    def steps(raw):
+        print('nnU-Net planning output')
+        raise RuntimeError('the planner crashed')
+    capsys.readouterr()
+    with pytest.raises(RuntimeError):
+        build_once(tmp_path / 'models', 'tiny test model', steps)
+    out = capsys.readouterr()
+    log = tmp_path / 'models.build.log'
+    assert f"nnU-Net's log: {log}" in out.err and 'the planner crashed' in out.err
+    assert 'nnU-Net planning output' in log.read_text() and 'nnU-Net planning output' not in out.out
+    assert [p.name for p in tmp_path.iterdir()] == ['models.build.log']  # nothing half-built
