@@ -321,6 +321,14 @@ def test_cascade_runs_its_low_resolution_stage_by_itself(cascade_model, cascade_
     assert sorted(f.name for f in auto.iterdir() if f.name.startswith('.')) == []
 
 
+def test_cascade_layer_list_says_which_input_channels_are_images(cascade_model, capsys):
+    capsys.readouterr()
+    assert main(['--list-layers', '-m', str(cascade_model), '-device', 'cpu']) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == ('input channels: CT (images); previous stage: kidney, previous stage: tumor, '
+                     'previous stage: cyst (one-hot, not images)')
+
+
 def test_cascade_without_its_low_resolution_model_is_one_line(cascade_model, cascade_case, tmp_path, capsys):
     import shutil
     alone = tmp_path / 'Dataset985_TinyCascade' / cascade_model.name
