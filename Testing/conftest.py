@@ -15,24 +15,10 @@ from nnunetv2_cam_core.demo import build_tiny_models, default_cache, model_folde
 torch.set_num_threads(2)
 
 
-_kinds_build = []  # the background build of the other kinds, if one was started
-
-
-def start_kinds_build() -> None:
-    """Where the other kinds of model are missing, train them in the background while the main ones train: one
-    build leaves a core partly idle (augmentation is single-threaded), two fill both."""
-    from nnunetv2_cam_core.model_kinds import KINDS, kind_root
-    missing = [k for k in KINDS if not (kind_root(k) / 'BUILT').is_file()]
-    if missing and not _kinds_build:
-        _kinds_build.append(subprocess.Popen([sys.executable, '-m', 'nnunetv2_cam_core.model_kinds', *missing],
-                                             stdout=subprocess.DEVNULL))
-
-
 @pytest.fixture(scope='session')
 def results_dir() -> Path:
     root = default_cache()
     if not (root / 'BUILT').is_file():
-        start_kinds_build()
         # a separate process: nnU-Net training starts workers and sets global torch state
         subprocess.run([sys.executable, '-m', 'nnunetv2_cam_core.demo', '--build-only'], check=True)
     return build_tiny_models(root)
@@ -41,8 +27,6 @@ def results_dir() -> Path:
 def kind_model(kind: str) -> Path:
     """A tiny model of another kind (model_kinds.KINDS), built in a separate process on first use."""
     from nnunetv2_cam_core.model_kinds import build_kind, kind_root
-    for build in _kinds_build:
-        build.wait()
     if not (kind_root(kind) / 'BUILT').is_file():
         subprocess.run([sys.executable, '-m', 'nnunetv2_cam_core.model_kinds', kind], check=True,
                        stdout=subprocess.DEVNULL)

@@ -170,7 +170,7 @@ def build_once(root: Path, label: str, steps: Callable[[Path], None]) -> Path:
     try:
         os.environ.update(nnUNet_raw=str(tmp / 'nnUNet_raw'), nnUNet_preprocessed=str(tmp / 'nnUNet_preprocessed'),
                           nnUNet_results=str(tmp / 'nnUNet_results'))
-        with open(log, 'w') as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        with open(log, 'w', buffering=1) as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
             steps(tmp / 'nnUNet_raw')
         import torch
         torch.use_deterministic_algorithms(False)  # a CAM run may go on in this process
