@@ -62,11 +62,6 @@ class CamEngine:
                              f'method such as gradcam or hirescam')
         self.channel_attribution = channel_attribution
 
-    def input_channel_names(self, n: int) -> List[str]:
-        """The network's input channels: dataset.json's channel names, then a cascade's previous-stage one-hot
-        channels (not images)."""
-        return input_channel_names(self.predictor)[:n]
-
     def preprocess(self, files: Sequence[str], target_mask: Optional[str] = None,
                    prev_stage: Optional[str] = None):
         """Read and check the case, then nnU-Net's own preprocessing. Returns (data, properties, mask, image)."""
@@ -148,7 +143,7 @@ class CamEngine:
             if out.channel_attribution is not None:
                 a = out.channel_attribution[i].double().abs()
                 shares = (a / a.sum() if a.sum() > 0 else a).tolist()
-                stats[t.name]['channel_attribution'] = dict(zip(self.input_channel_names(len(shares)), shares))
+                stats[t.name]['channel_attribution'] = dict(zip(input_channel_names(p), shares))
         info = {'tiles': out.n_tiles, 'classes': stats, 'low_memory': out.low_memory,
                 'out_of_memory_retry': out.out_of_memory_retry,
                 'timings_s': {'sliding_window': round(t1 - t0, 3), 'export': round(t2 - t1, 3)}}
@@ -289,7 +284,7 @@ def _run_case(engine, case, files, out_dir, rw, ending, method, target_mask, pre
                    'target_region': 'mask' if target_mask else engine.region, 'target_mask': target_mask,
                    'tta': bool(p.use_mirroring and p.allowed_mirroring_axes), 'step_size': p.tile_step_size,
                    'low_memory': res.info['low_memory'], 'cam_format': fmt,
-                   'input_channels': engine.input_channel_names(data.shape[0]),
+                   'input_channels': input_channel_names(p),
                    'previous_stage': None if previous is None else {'model': str(previous.folder),
                                                                     'folds': previous.folds},
                    'device': str(p.device), 'tiles': res.info['tiles'], 'timings_s': timings,
