@@ -193,3 +193,28 @@ def test_one_line_messages(capsys, model3d, sample_case, tmp_path):
                                                                             'none'])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: ')
+
+
+@pytest.mark.parametrize('extra, expected', [
+    (['--eval-steps', '0'], '--eval-steps must be 1 or more'),
+    (['--method', 'scorecam'], "method 'scorecam' is not available"),
+    (['--eval-seeds', '0'], '--eval-seeds must be 1 or more'),
+])
+def test_bad_evaluation_options(capsys, model3d, small_case, tmp_path, extra, expected):
+    rc, msg = run(capsys, base(model3d, small_case, tmp_path / 'out') + ['--evaluate', *extra])
+    assert rc == 2 and expected in msg
+    assert_clean(tmp_path / 'out')
+
+
+def test_reference_mask_of_another_geometry_or_without_evaluate(capsys, model3d, small_case, sample_case, tmp_path):
+    other = sample_case.parent / 'labels' / 'sample.nii.gz'
+    rc, msg = run(capsys, base(model3d, small_case, tmp_path / 'out') + ['--evaluate', '--reference-mask', other])
+    assert rc == 2 and 'reference mask' in msg and 'does not match the image geometry' in msg
+    assert_clean(tmp_path / 'out')
+    rc, msg = run(capsys, base(model3d, small_case, tmp_path / 'out') + ['--reference-mask', other])
+    assert rc == 2 and 'add --evaluate' in msg
+
+
+def test_fold_spread_needs_two_folds(capsys, model3d, small_case, tmp_path):
+    rc, msg = run(capsys, base(model3d, small_case, tmp_path / 'out') + ['--save-fold-spread'])
+    assert rc == 2 and 'two or more' in msg and '-f 0 1' in msg

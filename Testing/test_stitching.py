@@ -10,7 +10,7 @@ from nnunetv2_cam_core.errors import CamError
 from nnunetv2_cam_core.demo import SPACING, write_sample_case
 from nnunetv2_cam_core.methods import get_method
 from nnunetv2_cam_core.model import fold_networks, load_predictor
-from nnunetv2_cam_core.sliding_window import CamSpec, sliding_window_cam
+from nnunetv2_cam_core.sliding_window import CamSpec, predict_region, sliding_window_cam
 from nnunetv2_cam_core.targets import predicted_mask
 
 
@@ -255,6 +255,8 @@ def test_region_tiles_alone_give_the_full_run_inside_the_region(setup, method):
     slicers = pred._internal_get_sliding_window_slicers(data.shape[1:])  # the case is larger than a tile: no padding
     assert part.n_tiles == sum(bool(region[sl[1:]].any()) for sl in slicers) < full.n_tiles
     assert torch.equal(part.logits[:, region], full.logits[:, region])
+    # the same tiles, forwards only (the evaluation's re-predictions)
+    assert torch.equal(predict_region(pred, nets[:1], data, region), full.logits[:, region])
     assert full.cams[0, 0][region].max() > 0 and torch.equal(part.cams[:, :, region], full.cams[:, :, region])
 
 

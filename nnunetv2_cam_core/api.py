@@ -5,7 +5,7 @@ import platform
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .evaluation import CaseEvaluation, EvaluationSettings, fold_spread, mask_statistics, plot_curves, \
+    require_folds
 from .export import CaseOutputs, cam_format, maps_to_original, segmentation_to_original, write_map, \
     write_overview, write_slices
 from .inputs import find_cases, read_case, read_label
@@ -22,7 +24,7 @@ from .methods import get_method
 from .cascade import PreviousStage
 from .model import fold_networks, require_previous_stage
 from .progress import Progress
-from .sliding_window import CamSpec, sliding_window_cam
+from .sliding_window import CamSpec, combine_layers, sliding_window_cam
 from .targets import resolve_targets
 
 
@@ -38,6 +40,9 @@ class CaseResult:
     cams: Dict[str, np.ndarray]          # label name -> float32 in [0, 1], original geometry
     raw: Dict[str, np.ndarray]           # label name -> unnormalised map, original geometry
     info: dict = field(default_factory=dict)
+    # with keep_preprocessed: the stitched logits and the maps (targets, *shape) in preprocessed space
+    logits: Optional[torch.Tensor] = None
+    maps: Optional[torch.Tensor] = None
 
 
 class CamEngine:
@@ -109,7 +114,7 @@ class CamEngine:
         return cm.resampling_fn_seg(m, shape, spacing, target)[0] > 0
 
     def run(self, data: torch.Tensor, properties: dict, mask: Optional[torch.Tensor] = None,
-            on_tile: Optional[Callable[[int, int], None]] = None) -> CaseResult:
+            on_tile: Optional[Callable[[int, int], None]] = None, keep_preprocessed: bool = False) -> CaseResult:
         """Preprocessed data and its properties -> segmentation and CAMs in the original geometry, in memory."""
         p = self.predictor
         t0 = time.perf_counter()
@@ -118,13 +123,7 @@ class CamEngine:
         out = sliding_window_cam(p, self.networks, data, spec, on_tile)
         t1 = time.perf_counter()
         seg = segmentation_to_original(out.logits, properties, p)
-        # several layers: each normalised, then averaged
-        per_layer = out.cams
-        if per_layer.shape[1] > 1:
-            peak = per_layer.flatten(2).amax(2).clamp(min=1e-30)
-            raw = (per_layer / peak.view(*peak.shape, *[1] * (per_layer.ndim - 2))).mean(1)
-        else:
-            raw = per_layer[:, 0]
+        raw = combine_layers(out.cams)
         raw_orig = maps_to_original(raw, properties, p)
         t2 = time.perf_counter()
         cams, raws, stats = {}, {}, {}
@@ -147,7 +146,7 @@ class CamEngine:
         info = {'tiles': out.n_tiles, 'classes': stats, 'low_memory': out.low_memory,
                 'out_of_memory_retry': out.out_of_memory_retry,
                 'timings_s': {'sliding_window': round(t1 - t0, 3), 'export': round(t2 - t1, 3)}}
-        return CaseResult(seg, cams, raws, info)
+        return CaseResult(seg, cams, raws, info, *((out.logits, raw) if keep_preprocessed else ()))
 
 
 def input_channel_names(predictor) -> List[str]:
@@ -194,17 +193,41 @@ def check_writable(folder: Path) -> None:
         raise UsageError(f'output folder {folder} is not writable ({e.strerror}); choose another -o') from None
 
 
+@dataclass
+class CaseOptions:
+    """What a run writes and checks for every case."""
+    target_mask: Optional[str] = None
+    save_raw: bool = False
+    save_numpy: bool = False
+    save_slices: bool = False
+    overwrite: bool = False
+    evaluation: Optional[EvaluationSettings] = None  # --evaluate
+    reference_mask: Optional[str] = None
+    fold_spread: bool = False
+
+
 def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str, Path], *,
               target_mask: Optional[str] = None, prev_stage_folder: Optional[str] = None,
               previous_stage_model: Optional[Union[str, Path]] = None, folds: Optional[Sequence] = None,
               checkpoint: str = 'checkpoint_final.pth', save_raw: bool = False,
               save_numpy: bool = False, save_slices: bool = False, overwrite: bool = False,
+              evaluation: Optional[EvaluationSettings] = None, reference_mask: Optional[str] = None,
+              save_fold_spread: bool = False,
               progress: Optional[Progress] = None, run_info: Optional[dict] = None) -> Dict[str, CaseResult]:
     """Every case in `inputs` -> files in `output_folder`, one case at a time, each written atomically. A cascade
     stage takes its previous stage's segmentations from `prev_stage_folder`, or runs `previous_stage_model` (with
-    the cascade's `folds` where it has them) first, as nnU-Net would, keeping nothing of it."""
+    the cascade's `folds` where it has them) first, as nnU-Net would, keeping nothing of it. `evaluation` adds the
+    trust figures (deletion/insertion, sanity check, mask statistics, against `reference_mask` too) to the sidecar."""
     p = engine.predictor
     progress = progress or Progress('none')
+    opts = CaseOptions(target_mask, save_raw, save_numpy, save_slices, overwrite, evaluation, reference_mask,
+                       save_fold_spread)
+    if evaluation is not None:
+        evaluation.check()
+    elif reference_mask is not None:
+        raise UsageError('--reference-mask is compared with the map by --evaluate; add --evaluate')
+    if save_fold_spread:
+        require_folds(engine)
     out_dir = Path(output_folder)
     check_writable(out_dir)
     ending = p.dataset_json['file_ending']
@@ -213,28 +236,48 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
     cases = find_cases(inputs, rw.supported_file_endings, p.dataset_json.get('channel_names',
                                                                                p.dataset_json.get('modality', {})),
                        rgb_files=isinstance(rw, NaturalImage2DIO))
-    if target_mask is not None and len(cases) > 1:
-        raise UsageError('--target-mask applies to one case; pass a single case with it')
-    method = engine.method.name
+    for option, value in (('--target-mask', target_mask), ('--reference-mask', reference_mask)):
+        if value is not None and len(cases) > 1:
+            raise UsageError(f'{option} applies to one case; pass a single case with it')
     results = {}
     previous = None
     if p.configuration_manager.previous_stage_name and prev_stage_folder is None and previous_stage_model:
         previous = PreviousStage(Path(previous_stage_model), folds, checkpoint, p)
     with tempfile.TemporaryDirectory(prefix='.nnunetcam-previous-stage-', dir=out_dir) as previous_out:
         for case, files in cases.items():
-            res = _run_case(engine, case, files, out_dir, rw, ending, method, target_mask, prev_stage_folder,
-                            previous, Path(previous_out), save_raw, save_numpy, save_slices, overwrite, progress,
-                            run_info)
+            res = _run_case(engine, case, files, out_dir, rw, ending, opts, prev_stage_folder, previous,
+                            Path(previous_out), progress, run_info)
             if res is not None:
                 results[case] = res
     return results
 
 
-def _run_case(engine, case, files, out_dir, rw, ending, method, target_mask, prev_stage_folder, previous,
-              previous_out, save_raw, save_numpy, save_slices, overwrite, progress, run_info):
+def _evaluate(engine, case, data, props, mask, res, reference, opts, progress) -> Dict[str, dict]:
+    """The evaluation key of each class: the curves and sanity check, and the map against the masks."""
+    settings = opts.evaluation
+    progress.stage('evaluate', case)
+    evaluation = CaseEvaluation(engine, data, res.logits, res.maps, settings, mask, progress.steps).run()
+    for t in engine.targets:
+        e = evaluation[t.name]
+        if 'skipped' in e:
+            progress.emit('warning', message=f'{case}: {e["skipped"]}; evaluation of {t.name} skipped')
+        stats = {'predicted': mask_statistics(res.cams[t.name], np.isin(res.segmentation, t.labels),
+                                              props['spacing'], settings.margin_mm)}
+        if reference is not None:
+            stats['reference'] = mask_statistics(res.cams[t.name], np.isin(reference, t.labels), props['spacing'],
+                                                 settings.margin_mm)
+        e['mask_statistics'] = stats
+        if 'sanity' in e and not e['sanity']['passes']:
+            progress.emit('warning', message=f'{case}: {t.name}: the map {e["sanity"]["verdict"]}')
+    return evaluation
+
+
+def _run_case(engine, case, files, out_dir, rw, ending, opts: CaseOptions, prev_stage_folder, previous,
+              previous_out, progress, run_info):
     p = engine.predictor
+    method = engine.method.name
     progress.case = case
-    if (out_dir / f'{case}_cam.json').is_file() and not overwrite:
+    if (out_dir / f'{case}_cam.json').is_file() and not opts.overwrite:
         progress.emit('skip', message=f'{case}: outputs exist in {out_dir}, skipped (use --overwrite to redo)')
         return None
     t0 = time.perf_counter()
@@ -247,11 +290,26 @@ def _run_case(engine, case, files, out_dir, rw, ending, method, target_mask, pre
             raise UsageError(f'no previous-stage segmentation {prev}; run the previous stage on {case} first')
     t_previous = time.perf_counter()
     progress.stage('preprocess', case)
-    data, props, mask, image = engine.preprocess(files, target_mask, prev)
+    data, props, mask, image = engine.preprocess(files, opts.target_mask, prev)
     fmt = cam_format(rw, props)  # a model whose maps cannot be written fails here, before the work
+    reference = None if opts.reference_mask is None else \
+        read_label(rw, opts.reference_mask, props, image.shape, 'reference mask')[0]
     t1 = time.perf_counter()
     progress.stage('tiles', case)
-    res = engine.run(data, props, mask, on_tile=progress.tiles)
+    res = engine.run(data, props, mask, on_tile=progress.tiles, keep_preprocessed=opts.evaluation is not None)
+    timings = {'previous_stage': round(t_previous - t0, 3), 'preprocess': round(t1 - t_previous, 3),
+               **res.info['timings_s']}
+    evaluation = spread = None
+    if opts.evaluation is not None:
+        t2 = time.perf_counter()
+        evaluation = _evaluate(engine, case, data, props, mask, res, reference, opts, progress)
+        res.logits = res.maps = None
+        timings['evaluate'] = round(time.perf_counter() - t2, 3)
+    if opts.fold_spread:
+        t2 = time.perf_counter()
+        progress.stage('fold_spread', case)
+        spread = fold_spread(engine, data, props)
+        timings['fold_spread'] = round(time.perf_counter() - t2, 3)
     progress.stage('export', case)
     if res.info['out_of_memory_retry']:
         progress.emit('warning', message=f'{case}: the device ran out of memory; finished in low-memory mode '
@@ -260,28 +318,32 @@ def _run_case(engine, case, files, out_dir, rw, ending, method, target_mask, pre
         if st['raw_max'] == 0:
             progress.emit('warning', message=f'{case}: target {name!r} is absent (no voxels predicted as it, or '
                                              f'no activation); wrote a zero map')
+        if evaluation is not None:
+            st['evaluation'] = evaluation[name]
     with CaseOutputs(out_dir) as co:
         rw.write_seg(res.segmentation, co.path(case + ending), props)
-        files_by_class = {}
-        for name in res.cams:
+        files_by_class, spread_files = {}, {}
+        for i, name in enumerate(res.cams):
             stem = f'{case}_cam_{_safe(name)}_{_safe(method)}'
             files_by_class[name] = write_map(res.cams[name], co, stem, ending, props, fmt)
-            if save_raw:
+            if opts.save_raw:
                 write_map(res.raw[name], co, f'{case}_camraw_{_safe(name)}_{_safe(method)}', ending, props, fmt,
                           normalised=False)
-            if save_numpy and fmt != 'png':  # PNG models get the .npy anyway
+            if spread is not None:
+                spread_files[name] = write_map(spread[i], co, f'{case}_camspread_{_safe(name)}_{_safe(method)}',
+                                               ending, props, fmt, normalised=False)
+            if opts.save_numpy and fmt != 'png':  # PNG models get the .npy anyway
                 np.save(co.path(stem + '.npy'), res.cams[name])
-            if save_slices:
+            if opts.save_slices:
                 save_slices_dir = co.path(stem + '_slices')
                 write_slices(image, res.cams[name], save_slices_dir, case)
-        if save_slices:
+        if opts.save_slices:
             write_overview(image, res.segmentation, res.cams, co.path(f'{case}_overview.png'))
-        timings = {'previous_stage': round(t_previous - t0, 3), 'preprocess': round(t1 - t_previous, 3),
-                   **res.info['timings_s'],
-                   'total': round(time.perf_counter() - t0, 3)}
+        curves = evaluation is not None and plot_curves(evaluation, co.path(f'{case}_evaluation.png'), case)
+        timings['total'] = round(time.perf_counter() - t0, 3)
         sidecar = {**(run_info or {}), 'case': case, 'inputs': list(files), 'method': method,
                    'layers': engine.layers, 'pooling': engine.pooling if engine.method.pooled else None,
-                   'target_region': 'mask' if target_mask else engine.region, 'target_mask': target_mask,
+                   'target_region': 'mask' if opts.target_mask else engine.region, 'target_mask': opts.target_mask,
                    'tta': bool(p.use_mirroring and p.allowed_mirroring_axes), 'step_size': p.tile_step_size,
                    'low_memory': res.info['low_memory'], 'cam_format': fmt,
                    'input_channels': input_channel_names(p),
@@ -289,6 +351,10 @@ def _run_case(engine, case, files, out_dir, rw, ending, method, target_mask, pre
                                                                     'folds': previous.folds},
                    'device': str(p.device), 'tiles': res.info['tiles'], 'timings_s': timings,
                    'segmentation': case + ending, 'cams': files_by_class, 'classes': res.info['classes'],
+                   'evaluation_settings': None if evaluation is None else {
+                       **asdict(opts.evaluation), 'reference_mask': opts.reference_mask,
+                       'curves': f'{case}_evaluation.png' if curves else None},
+                   'fold_spread': spread_files or None,
                    'versions': _versions()}
         with open(co.path(f'{case}_cam.json'), 'w') as f:
             json.dump(sidecar, f, indent=2)

@@ -61,6 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument('--pool-size', type=int, help='segxrescam only: gradient pooling window')
     c.add_argument('--pool-mode', default='max', choices=('max', 'mean'), help='segxrescam only (default: max)')
     c.add_argument('--cam-type', choices=('2d', '3d'), help='accepted for compatibility; the configuration decides')
+    e = p.add_argument_group('trust figures (into the sidecar\'s evaluation key per class, curves in CASE_evaluation.png)')
+    e.add_argument('--evaluate', action='store_true',
+                   help='deletion/insertion curves against random rankings (re-predicting only the tiles that overlap '
+                        'the class\'s region), the model- and data-randomisation sanity check, and where the map lies '
+                        'against the mask')
+    e.add_argument('--eval-steps', type=int, default=10, help='deletion/insertion steps (default: %(default)s)')
+    e.add_argument('--eval-baseline', choices=('blur', 'mean'), default='blur',
+                   help='what removed voxels become: the image blurred (5 mm gaussian) or its mean (default: blur)')
+    e.add_argument('--eval-margin-mm', type=float, default=5.0,
+                   help='the region evaluated: the predicted mask (or --target-mask) dilated by this (default: 5)')
+    e.add_argument('--eval-seeds', type=int, default=3, help='random rankings to compare with (default: 3)')
+    e.add_argument('--eval-max-tiles', type=int, default=100,
+                   help='skip the evaluation of a class whose region needs more tiles (default: %(default)s)')
+    e.add_argument('--eval-no-sanity', action='store_true', help='no model- and data-randomisation sanity check')
+    e.add_argument('--reference-mask', help='ground-truth label file in the input\'s geometry: the map against it too '
+                                            '(with --evaluate; one case)')
+    e.add_argument('--save-fold-spread', action='store_true',
+                   help='also write, per class, the voxel-wise standard deviation of the folds\' normalised maps '
+                        '(two or more folds)')
     o = p.add_argument_group('information')
     o.add_argument('--list-methods', action='store_true', help='list CAM methods and exit')
     o.add_argument('--list-layers', action='store_true', help='list the model\'s layers (with -m) and exit')
@@ -141,6 +160,12 @@ def run(args, progress: Progress) -> int:
     from .api import CamEngine, run_cases
     if not args.input or not args.output:
         raise UsageError('-i INPUT and -o OUTPUT are required (or use --list-methods / --list-layers)')
+    evaluation = None
+    if args.evaluate:
+        from .evaluation import EvaluationSettings
+        evaluation = EvaluationSettings(args.eval_steps, args.eval_baseline, args.eval_margin_mm, args.eval_seeds,
+                                        args.eval_max_tiles, not args.eval_no_sanity)
+        evaluation.check()  # before loading the model
     progress.stage('load')
     folder, folds, configuration, predictor = _load(args)
     engine = CamEngine(predictor, args.target_layer, args.target_class, args.method, args.pooling,
@@ -150,6 +175,7 @@ def run(args, progress: Progress) -> int:
     if args.previous_stage_model:
         run_info['previous_stage_model'] = str(args.previous_stage_model)
     run_cases(engine, args.input, args.output, target_mask=args.target_mask,
+              evaluation=evaluation, reference_mask=args.reference_mask, save_fold_spread=args.save_fold_spread,
               prev_stage_folder=args.prev_stage_predictions, previous_stage_model=args.previous_stage_model,
               folds=folds, checkpoint=args.checkpoint, save_raw=args.save_raw, save_numpy=args.save_numpy,
               save_slices=args.save_slices and not args.no_save_slices, overwrite=args.overwrite, progress=progress,

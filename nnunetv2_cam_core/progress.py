@@ -11,6 +11,7 @@ class Progress:
         self.stream = stream or sys.stdout
         self.case: Optional[str] = None
         self._bar = None
+        self._stage: Optional[str] = None
         self._t0 = time.perf_counter()
 
     def emit(self, event: str, **fields) -> None:
@@ -22,19 +23,29 @@ class Progress:
 
     def stage(self, name: str, case: Optional[str] = None, **fields) -> None:
         self.case = case if case is not None else self.case
+        self._stage = name
         self._t0 = time.perf_counter()
         self._close_bar()
         self.emit('stage', stage=name, **fields)
 
     def tiles(self, k: int, n: int) -> None:
+        """Tile k of n of the sliding window done."""
+        self._count('tiles', 'tile', k, n)
+
+    def steps(self, k: int, n: int) -> None:
+        """Step k of n of the current stage (the evaluation's predictions) done."""
+        self._count('steps', 'step', k, n)
+
+    def _count(self, event: str, unit: str, k: int, n: int) -> None:
         elapsed = time.perf_counter() - self._t0
         eta = elapsed / k * (n - k)
         if self.mode == 'json':
-            self.emit('tiles', stage='tiles', tile=k, tiles=n, fraction=round(k / n, 4), eta_s=round(eta, 1))
+            self.emit(event, stage=self._stage, **{unit: k, event: n}, fraction=round(k / n, 4), eta_s=round(eta, 1))
         elif self.mode == 'bar':
             if self._bar is None:
                 from tqdm import tqdm
-                self._bar = tqdm(total=n, desc=f'{self.case} tiles', unit='tile', file=sys.stderr)
+                self._bar = tqdm(total=n, desc=f'{self.case} {self._stage}', unit=unit, file=sys.stderr)
+            self._bar.total = n
             self._bar.update(k - self._bar.n)
 
     def _close_bar(self) -> None:

@@ -54,6 +54,14 @@ class CamOutput:
     channel_attribution: Optional[torch.Tensor] = None  # (n_targets, input channels): sum of |x * dS/dx|
 
 
+def combine_layers(cams: torch.Tensor) -> torch.Tensor:
+    """(targets, layers, *shape) -> (targets, *shape): several layers each normalised to its peak, then averaged."""
+    if cams.shape[1] == 1:
+        return cams[:, 0]
+    peak = cams.flatten(2).amax(2).clamp(min=1e-30)
+    return (cams / peak.view(*peak.shape, *[1] * (cams.ndim - 2))).mean(1)
+
+
 def mirror_combinations(predictor) -> List[tuple]:
     """nnU-Net's TTA mirrors as dims of a (1, C, *spatial) tile: () first, then every combination of axes."""
     axes = predictor.allowed_mirroring_axes if predictor.use_mirroring else None
@@ -66,19 +74,8 @@ def mirror_combinations(predictor) -> List[tuple]:
 def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: torch.Tensor, spec: CamSpec,
                        on_tile: Optional[Callable[[int, int], None]] = None) -> CamOutput:
     """data: preprocessed (C, *shape). Returns logits and raw CAMs on the CPU, in the same (preprocessed) space."""
-    patch = [int(p) for p in predictor.configuration_manager.patch_size]
-    padded, revert = pad_nd_image(data, patch, 'constant', {'value': 0}, True, None)
-
-    def pad(m):
-        return pad_nd_image(m[None].to(torch.uint8), patch, 'constant', {'value': 0}, True, None)[0][0] > 0
-    mask = None if spec.mask is None else pad(spec.mask)
-    plan = TilePlan.of(predictor, padded.shape[1:], torch.device('cpu'))  # each attempt moves it to its device
-    if spec.only_region is not None and spec.only_region.shape != data.shape[1:]:
-        raise CamError(f'region of shape {list(spec.only_region.shape)} for a case of {list(data.shape[1:])}; '
-                       f'give it in the preprocessed space')
-    tiles = list(range(len(plan.slicers))) if spec.only_region is None else plan.overlapping(pad(spec.only_region))
-    if not tiles:
-        raise CamError('the region is empty; give at least one voxel')
+    padded, revert, plan, tiles = _padded_plan(predictor, data, spec.only_region, torch.device('cpu'))
+    mask = None if spec.mask is None else _pad_mask(predictor, spec.mask)  # each attempt moves the plan
     device = results_device = predictor.device
     run = _SlidingWindowRun(predictor, networks, padded, mask, plan, tiles, spec, on_tile)
     retried = False
@@ -100,6 +97,50 @@ def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: tor
     out.logits = out.logits[(slice(None), *keep)].cpu()
     out.cams = out.cams[(slice(None), slice(None), *keep)].cpu()
     return out
+
+
+def _pad_mask(predictor, m: torch.Tensor) -> torch.Tensor:
+    patch = [int(p) for p in predictor.configuration_manager.patch_size]
+    return pad_nd_image(m[None].to(torch.uint8), patch, 'constant', {'value': 0}, True, None)[0][0] > 0
+
+
+def _padded_plan(predictor, data: torch.Tensor, only_region: Optional[torch.Tensor], device: torch.device):
+    """nnU-Net's padding of the case, its tile plan, and the tiles to run: all, or those overlapping the region."""
+    patch = [int(p) for p in predictor.configuration_manager.patch_size]
+    padded, revert = pad_nd_image(data, patch, 'constant', {'value': 0}, True, None)
+    plan = TilePlan.of(predictor, padded.shape[1:], device)
+    if only_region is not None and only_region.shape != data.shape[1:]:
+        raise CamError(f'region of shape {list(only_region.shape)} for a case of {list(data.shape[1:])}; '
+                       f'give it in the preprocessed space')
+    tiles = list(range(len(plan.slicers))) if only_region is None else \
+        plan.overlapping(_pad_mask(predictor, only_region))
+    if not tiles:
+        raise CamError('the region is empty; give at least one voxel')
+    return padded, revert, plan, tiles
+
+
+def region_tiles(predictor, data: torch.Tensor, region: torch.Tensor) -> int:
+    """How many tiles re-predicting or re-explaining `region` runs."""
+    return len(_padded_plan(predictor, data, region, torch.device('cpu'))[3])
+
+
+def predict_region(predictor, networks: Sequence[torch.nn.Module], data: torch.Tensor,
+                   region: torch.Tensor) -> torch.Tensor:
+    """nnU-Net's blended logits at the voxels of `region` (bool, preprocessed shape), as (heads, voxels), from the
+    tiles that overlap it alone: forwards only, every fold x mirror, each tile's gaussian share as in a full run
+    (so they equal a full run's logits there)."""
+    device = predictor.device
+    padded, _, plan, tiles = _padded_plan(predictor, data, region, device)
+    mirrors = mirror_combinations(predictor)
+    logits = torch.zeros((predictor.label_manager.num_segmentation_heads, *padded.shape[1:]), device=device)
+    with torch.no_grad(), torch.autocast(device.type) if device.type == 'cuda' else contextlib.nullcontext():
+        for k in tiles:
+            sl = plan.slicers[k]
+            x = padded[sl][None].to(device)
+            outs = [net(x.flip(d)).flip(d) if d else net(x) for net in networks for d in mirrors]
+            logits[sl] += torch.stack([o.float() for o in outs]).sum(0)[0] / len(outs) * plan.gaussian
+    inside = _pad_mask(predictor, region).to(device)
+    return (logits[:, inside] / plan.weight_sum[inside]).cpu()
 
 
 def is_out_of_memory(e: BaseException) -> bool:
