@@ -19,7 +19,7 @@ from slicer.util import VTKObservationMixin
 from NNUNetCAMLib import (COLORMAPS, DEFAULT_COLORMAP, DisplayOptions, NNUNetCAMLogic, PythonEnvironment,
                           install_requirements, layer_choices, missing_requirements, model_info, target_classes,
                           torch_install_arguments)
-from NNUNetCAMLib import display
+from NNUNetCAMLib import display, evaluation
 from NNUNetCAMLib.logic import stdout_json
 from NNUNetCAMLib.process import run_to_end, stdout_of
 
@@ -60,6 +60,8 @@ class NNUNetCAMParameterNode:
     method: str = 'gradcam'
     device: Annotated[str, Choice(['auto', 'cuda', 'cpu'])] = 'auto'
     tta: bool = True
+    evaluate: bool = False
+    foldSpread: bool = False
     targetRoi: slicer.vtkMRMLMarkupsROINode
     camVolume: slicer.vtkMRMLScalarVolumeNode
     colormap: Annotated[str, Choice(list(COLORMAPS))] = DEFAULT_COLORMAP
@@ -88,7 +90,8 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = NNUNetCAMLogic(scheduler=qt.QTimer.singleShot, temp_root=slicer.app.temporaryPath,
-                                    volume_rendering_logic=slicer.modules.volumerendering.logic())
+                                    volume_rendering_logic=slicer.modules.volumerendering.logic(),
+                                    plots_logic=slicer.modules.plots.logic())
         self.ui.progressBar.hide()
         self.ui.methodComboBox.addItem('gradcam')
 
@@ -161,6 +164,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 'inputVolume': self.ui.inputVolumeSelector, 'channel1Volume': self.ui.channel1Selector,
                 'channel2Volume': self.ui.channel2Selector, 'channel3Volume': self.ui.channel3Selector,
                 'device': self.ui.deviceComboBox, 'tta': self.ui.ttaCheckBox,
+                'evaluate': self.ui.evaluateCheckBox, 'foldSpread': self.ui.foldSpreadCheckBox,
                 'targetRoi': self.ui.targetRoiSelector, 'camVolume': self.ui.camVolumeSelector,
                 'colormap': self.ui.colormapComboBox, 'opacity': self.ui.opacitySlider,
                 'threshold': self.ui.thresholdSlider, 'colorLegend': self.ui.colorLegendCheckBox,
@@ -315,7 +319,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 channelVolumes=channels, targetSegmentation=segmentation if segmentId else None,
                 targetSegmentId=segmentId, targetRoi=p.targetRoi if not segmentId else None,
                 displayOptions=DisplayOptions(p.colormap, p.threshold, p.opacity, p.colorLegend, p.volumeRendering),
-                wait=False, onProgress=self.onProgress, onLog=self.log, onFinished=self.onFinished,
+                evaluate=p.evaluate, foldSpread=p.foldSpread, wait=False, onProgress=self.onProgress, onLog=self.log, onFinished=self.onFinished,
                 onError=self.onError)
         except Exception as e:
             self.ui.progressBar.hide()
@@ -333,8 +337,10 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onFinished(self, result):
         self.ui.progressBar.hide()
+        sanity = evaluation.sanity_lines(result.sidecar)
         self.ui.statusLabel.text = (f'Done in {time.monotonic() - self._started:.0f} s: '
-                                    f'{", ".join(node.GetName() for node in result.nodes())}')
+                                    f'{", ".join(node.GetName() for node in result.nodes())}'
+                                    + ''.join(f'\n{line}' for line in sanity))
         self._parameterNode.camVolume = next(iter(result.cams.values()))
         self.updateApply()
 

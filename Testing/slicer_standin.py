@@ -697,11 +697,14 @@ def install(monkeypatch, scene, temporaryPath: str, version: str = 'main') -> Ap
         modules['slicer.packaging'].pip_install = _pip_install
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    colors, rendering = slicer.vtkSlicerColorLogic(), slicer.vtkSlicerVolumeRenderingLogic()
+    colors, rendering, plots = slicer.vtkSlicerColorLogic(), slicer.vtkSlicerVolumeRenderingLogic(), \
+        slicer.vtkSlicerPlotsLogic()
     rendering.SetMRMLScene(scene)
+    plots.SetMRMLScene(scene)
     for name, value in {'app': APP, 'mrmlScene': scene,
                         'modules': types.SimpleNamespace(colors=types.SimpleNamespace(logic=lambda: colors),
-                                                         volumerendering=types.SimpleNamespace(logic=lambda: rendering))
+                                                         volumerendering=types.SimpleNamespace(logic=lambda: rendering),
+                                                         plots=types.SimpleNamespace(logic=lambda: plots))
                         }.items():
         monkeypatch.setattr(slicer, name, value, raising=False)
     util = {'loadUI': loadUI, 'WaitCursor': WaitCursor, 'startupEnvironment': lambda: {},

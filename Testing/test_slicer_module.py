@@ -734,3 +734,43 @@ def test_cascade_model_folder_just_works_and_progress_shows_both_stages(scene, t
     arr = slicer.util.arrayFromVolume(result.cams['kidney'])
     assert np.isfinite(arr).all() and arr.max() == pytest.approx(1.0)
     assert list(tmp_path.joinpath('tmp').iterdir()) == []
+
+
+def test_evaluation_loads_a_table_the_curves_in_a_plot_and_the_fold_spread(scene, model3d, small_case, tmp_path):
+    """evaluate=True: the numbers in a table node, the curves in a plot chart shown in the layout, a sanity line;
+    foldSpread=True: one more volume per class on the input's grid, with its own legend."""
+    volume = load_volume(scene, small_case, 'Small scan')
+    layout = scene.AddNewNodeByClass('vtkMRMLLayoutNode')
+    layout.SetViewArrangement(layout.SlicerLayoutFourUpView)
+    plots = slicer.vtkSlicerPlotsLogic()
+    plots.SetMRMLScene(scene)
+    logic = NNUNetCAMLogic(scene, temp_root=str(tmp_path), plots_logic=plots)
+    progress = []
+    result = logic.run(volume, model3d, targetClass='lesion', layers=['last_decoder'], folds=[0, 1], device='cpu',
+                       tta=False, evaluate=True, evaluationSteps=4, foldSpread=True,
+                       onProgress=lambda f, text: progress.append((f, text)))
+    table = result.evaluationTable.GetTable()
+    assert table.GetNumberOfRows() == 1 and table.GetColumnByName('class').GetValue(0) == 'lesion'
+    e = result.sidecar['classes']['lesion']['evaluation']
+    assert table.GetColumnByName('deletion AUC').GetValue(0) == pytest.approx(e['deletion_auc'])
+    assert table.GetColumnByName('sanity check').GetValue(0) == ('yes' if e['sanity']['passes'] else 'no')
+    chart = result.evaluationChart
+    series = [scene.GetNodeByID(chart.GetNthPlotSeriesNodeID(i)) for i in range(chart.GetNumberOfPlotSeriesNodes())]
+    assert [s.GetYColumnName() for s in series] == ['lesion deletion', 'lesion deletion, random',
+                                                   'lesion insertion', 'lesion insertion, random']
+    curves = series[0].GetTableNode().GetTable()
+    assert curves.GetNumberOfRows() == 5
+    assert [curves.GetColumnByName('lesion deletion').GetValue(i) for i in range(5)] == pytest.approx(e['deletion'])
+    assert layout.GetViewArrangement() != layout.SlicerLayoutFourUpView  # switched to a layout with a plot view
+    assert any(n.startswith('lesion: OK: the map passes the sanity check') or n.startswith('lesion: WARNING')
+               for n in result.notes)
+    spread = result.foldSpread['lesion']
+    assert spread.GetName() == 'Small scan fold spread lesion gradcam'
+    assert np.abs(volumes.ijk_to_ras(spread) - volumes.ijk_to_ras(volume)).max() < 1e-4
+    assert spread.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    assert slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(spread) is not None
+    texts = [t for _, t in progress]
+    assert any(t.startswith('Evaluating the map') and 'step' in t for t in texts)
+    fractions = [f for f, _ in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import slicer
 
-from . import display, volumes
+from . import display, evaluation, volumes
 from .environment import PythonEnvironment, ensure_core_importable
 from .process import CoreProcess, run_to_end, stdout_of
 
@@ -29,6 +29,10 @@ STAGES = {'load': (0.0, 0.06, 'Loading the model'),
           'previous_stage': (0.06, 0.10, 'Low-resolution stage of the cascade (segmentation only)'),
           'preprocess': (0.10, 0.13, 'Preprocessing'), 'tiles': (0.13, 0.92, 'Sliding window'), 'export': (0.92, 0.97, 'Writing results'),
           'done': (0.97, 0.99, 'Loading results into Slicer')}
+# with --evaluate (or --save-fold-spread) the tiles take a smaller share: the evaluation takes several runs' time
+EVALUATION_STAGES = {**STAGES, 'tiles': (0.13, 0.30, 'Sliding window'),
+                     'evaluate': (0.30, 0.88, 'Evaluating the map (deletion, insertion, sanity check)'),
+                     'fold_spread': (0.88, 0.92, 'Maps of each fold')}
 
 
 @dataclass
@@ -37,9 +41,13 @@ class CamResult:
     cams: Dict[str, object]
     sidecar: dict
     notes: List[str] = field(default_factory=list)
+    evaluationTable: object = None   # the trust figures, one row per class (evaluate=True)
+    evaluationChart: object = None   # their deletion and insertion curves
+    foldSpread: Dict[str, object] = field(default_factory=dict)
 
     def nodes(self) -> list:
-        return [self.segmentation, *self.cams.values()]
+        extra = [n for n in (self.evaluationTable, self.evaluationChart) if n is not None]
+        return [self.segmentation, *self.cams.values(), *self.foldSpread.values(), *extra]
 
 
 @dataclass
@@ -95,8 +103,9 @@ class CamRun:
     """One background core run. poll() returns True while it is running."""
 
     def __init__(self, process: CoreProcess, workdir: Path, sidecar: Path, load: Callable[[dict], CamResult],
-                 on_progress=None, on_log=None, on_finished=None, on_error=None):
+                 on_progress=None, on_log=None, on_finished=None, on_error=None, stages: Optional[dict] = None):
         self.process, self.workdir, self.sidecar, self._load = process, workdir, sidecar, load
+        self.stages = stages or STAGES
         self.on_progress, self.on_log, self.on_finished, self.on_error = on_progress, on_log, on_finished, on_error
         self.state = 'running'  # running, done, failed, cancelled
         self.fraction = 0.0
@@ -134,13 +143,14 @@ class CamRun:
             self._log(line)
         elif kind == 'error':
             self._errors.append(event['message'])
-        elif kind == 'stage' and event['stage'] in STAGES:
-            start, _, text = STAGES[event['stage']]
+        elif kind == 'stage' and event['stage'] in self.stages:
+            start, _, text = self.stages[event['stage']]
             self._progress(start, text)
-        elif kind == 'tiles':
-            start, end, text = STAGES['tiles']
-            self._progress(start + (end - start) * event['fraction'],
-                           f'{text}: tile {event["tile"]}/{event["tiles"]}, about {event["eta_s"]:.0f} s left')
+        elif kind in ('tiles', 'steps') and event.get('stage') in self.stages:
+            start, end, text = self.stages[event['stage']]
+            unit = kind[:-1]
+            self._progress(round(start + (end - start) * event['fraction'], 6),  # not past the next stage's start
+                           f'{text}: {unit} {event[unit]}/{event[kind]}, about {event["eta_s"]:.0f} s left')
         elif kind in ('warning', 'result', 'skip'):
             self._log(event.get('message', str(event)))
 
@@ -213,12 +223,13 @@ class NNUNetCAMLogic:
 
     def __init__(self, scene=None, environment: Optional[PythonEnvironment] = None,
                  temp_root: Optional[str] = None, scheduler: Optional[Callable] = None,
-                 volume_rendering_logic=None, event_pump: Optional[Callable[[], None]] = None):
+                 volume_rendering_logic=None, event_pump: Optional[Callable[[], None]] = None, plots_logic=None):
         self.scene = scene if scene is not None else slicer.mrmlScene
         self.environment = environment or PythonEnvironment()
         self.temp_root = temp_root
         self.scheduler = scheduler
         self.volume_rendering_logic = volume_rendering_logic
+        self.plots_logic = plots_logic  # slicer.modules.plots.logic(): shows the evaluation's curves
         self.event_pump = event_pump or app_event_pump()
         self.current: Optional[CamRun] = None
 
@@ -251,9 +262,14 @@ class NNUNetCAMLogic:
             method: str = 'gradcam', layers: Optional[Sequence[str]] = None, folds: Optional[Sequence] = None,
             device: str = 'auto', tta: bool = True, channelVolumes: Sequence = (), targetSegmentation=None,
             targetSegmentId: Optional[str] = None, targetRoi=None, displayOptions: Optional[DisplayOptions] = None,
-            outputFolder: Optional[str] = None, wait: bool = True, onProgress=None, onLog=None, onFinished=None, onError=None):
+            outputFolder: Optional[str] = None, evaluate: bool = False, evaluationSteps: Optional[int] = None,
+            foldSpread: bool = False, wait: bool = True,
+            onProgress=None, onLog=None, onFinished=None, onError=None):
         """Segmentation + CAM(s) of `inputVolume`. wait=True returns a CamResult (raises RuntimeError with the
         core's one-line message on failure); wait=False returns the CamRun and reports through the callbacks.
+        `evaluate`: also the trust figures (a table, the curves in a plot, a sanity-check line per class), with
+        curves of `evaluationSteps` steps (default 10);
+        `foldSpread`: also where the folds' maps disagree, as one more volume per class.
         `outputFolder`: also keep the core's files (segmentation, CAMs, sidecar) there; otherwise they are
         deleted with the temporary folder once loaded."""
         if self.current is not None and self.current.running:
@@ -287,6 +303,10 @@ class NNUNetCAMLogic:
                 args += ['-f', *map(str, folds)]
             if not tta:
                 args += ['--disable-tta']
+            if evaluate:
+                args += ['--evaluate'] + (['--eval-steps', evaluationSteps] if evaluationSteps else [])
+            if foldSpread:
+                args += ['--save-fold-spread']
             process = CoreProcess(self.environment.command(*args), self.environment.env())
         except Exception:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -294,7 +314,8 @@ class NNUNetCAMLogic:
 
         def load(sidecar: dict) -> CamResult:
             return self._load_results(sidecar, out, inputVolume, info, method, options)
-        self.current = CamRun(process, workdir, out / f'{case}_cam.json', load, onProgress, onLog, onFinished, onError)
+        self.current = CamRun(process, workdir, out / f'{case}_cam.json', load, onProgress, onLog, onFinished, onError,
+                              EVALUATION_STAGES if evaluate or foldSpread else STAGES)
         if wait:
             return self.current.wait(event_pump=self.event_pump)
         if self.scheduler is not None:
@@ -339,8 +360,26 @@ class NNUNetCAMLogic:
                     display.add_color_legend(node, f'CAM {label}')
                 cams[label] = node
                 notes += [note] if note and note not in notes else []
+            spread = {}
+            for label, file in (sidecar.get('fold_spread') or {}).items():
+                node = volumes.load_scalar(self.scene, out / file, f'{name} fold spread {label} {method}', inputVolume)
+                added.append(node)
+                display.style_cam(self.scene, node, options.colormap, 0.0)
+                display.add_color_legend(node, f'fold spread {label}')
+                spread[label] = node
+            table = chart = None
+            if evaluation.evaluations(sidecar):
+                table = evaluation.add_table(self.scene, sidecar, f'{name} map evaluation')
+                added.append(table)
+                curves = evaluation.add_curves(self.scene, sidecar, f'{name} {method}')
+                if curves is not None:
+                    added.extend(self._curve_nodes(*curves))
+                    chart = curves[1]
+                notes += evaluation.sanity_lines(sidecar)
             first = next(iter(cams.values()))
             display.show_in_slice_views(self.scene, inputVolume, first, options.opacity)
+            if chart is not None and self.plots_logic is not None:
+                self.plots_logic.ShowChartInLayout(chart)
             if options.volume_rendering:
                 if self.volume_rendering_logic is None:
                     notes.append('volume rendering is not available here; skipped')
@@ -353,4 +392,9 @@ class NNUNetCAMLogic:
         for label, stats in sidecar.get('classes', {}).items():
             if stats.get('raw_max') == 0:
                 notes.append(f'{label}: no voxels were predicted as {label}, so its CAM is empty')
-        return CamResult(segmentation, cams, sidecar, notes)
+        return CamResult(segmentation, cams, sidecar, notes, table, chart, spread)
+
+    def _curve_nodes(self, table, chart) -> list:
+        """The curves' table, chart and series nodes (removed together if loading fails)."""
+        return [table, chart] + [self.scene.GetNodeByID(chart.GetNthPlotSeriesNodeID(i))
+                                 for i in range(chart.GetNumberOfPlotSeriesNodes())]
