@@ -2,7 +2,7 @@
 the deletion and insertion curves with their random baselines in a plot chart, and a pass/warn line per class for
 the sanity check. MRML only, so it runs (and is tested) without the app."""
 import math
-from typing import List, Optional
+from typing import List
 
 import vtk
 
@@ -44,12 +44,13 @@ def _get(evaluation: dict, path):
     return evaluation
 
 
-def add_table(scene, sidecar: dict, name: str):
-    """One row per class; a skipped class has only its reason (last column)."""
+def add_table(scene, sidecar: dict, name: str, created: list):
+    """One row per class; a skipped class has only its reason (last column). New nodes go to `created`."""
     per_class = evaluations(sidecar)
     reference = any(_get(e, ('mask_statistics', 'reference')) for e in per_class.values())
     columns = COLUMNS + (REFERENCE_COLUMNS if reference else []) + [('note', ('skipped',), 'text')]
     node = scene.AddNewNodeByClass('vtkMRMLTableNode', name)
+    created.append(node)
     for title, path, kind in columns:
         array = vtk.vtkDoubleArray() if kind == 'number' else vtk.vtkStringArray()
         array.SetName(title)
@@ -65,13 +66,14 @@ def add_table(scene, sidecar: dict, name: str):
     return node
 
 
-def add_curves(scene, sidecar: dict, name: str) -> Optional[tuple]:
-    """(table, chart): the deletion and insertion curves of every evaluated class, the map's solid, the random
-    rankings' mean dashed; None when no class was evaluated."""
+def add_curves(scene, sidecar: dict, name: str, created: list):
+    """The plot chart of the deletion and insertion curves of every evaluated class, the map's solid, the random
+    rankings' mean dashed; None when no class was evaluated. New nodes (table, chart, series) go to `created`."""
     per_class = {k: e for k, e in evaluations(sidecar).items() if 'fractions' in e}
     if not per_class:
         return None
     table = scene.AddNewNodeByClass('vtkMRMLTableNode', f'{name} curves')
+    created.append(table)
     fractions = next(iter(per_class.values()))['fractions']
     columns = {'fraction (%)': [100 * f for f in fractions]}
     for cls, e in per_class.items():
@@ -85,6 +87,7 @@ def add_curves(scene, sidecar: dict, name: str) -> Optional[tuple]:
             array.InsertNextValue(float(v))
         table.AddColumn(array)
     chart = scene.AddNewNodeByClass('vtkMRMLPlotChartNode', f'{name} deletion and insertion')
+    created.append(chart)
     chart.SetTitle(f'{name}: deletion and insertion')
     chart.SetXAxisTitle('% of the region removed (deletion) or restored (insertion), top-ranked first')
     chart.SetYAxisTitle('mean probability in the region')
@@ -94,6 +97,7 @@ def add_curves(scene, sidecar: dict, name: str) -> Optional[tuple]:
             for random in (False, True):
                 column = f'{cls} {kind}' + (', random' if random else '')
                 series = scene.AddNewNodeByClass('vtkMRMLPlotSeriesNode', f'{name} {column}')
+                created.append(series)
                 series.SetAndObserveTableNodeID(table.GetID())
                 series.SetXColumnName('fraction (%)')
                 series.SetYColumnName(column)
@@ -102,7 +106,7 @@ def add_curves(scene, sidecar: dict, name: str) -> Optional[tuple]:
                 series.SetLineStyle(series.LineStyleDash if random else series.LineStyleSolid)
                 series.SetColor(*(tuple(0.5 + 0.5 * c for c in color) if random else color))
                 chart.AddAndObservePlotSeriesNodeID(series.GetID())
-    return table, chart
+    return chart
 
 
 def sanity_lines(sidecar: dict) -> List[str]:

@@ -29,7 +29,8 @@ STAGES = {'load': (0.0, 0.06, 'Loading the model'),
           'previous_stage': (0.06, 0.10, 'Low-resolution stage of the cascade (segmentation only)'),
           'preprocess': (0.10, 0.13, 'Preprocessing'), 'tiles': (0.13, 0.92, 'Sliding window'), 'export': (0.92, 0.97, 'Writing results'),
           'done': (0.97, 0.99, 'Loading results into Slicer')}
-# with --evaluate (or --save-fold-spread) the tiles take a smaller share: the evaluation takes several runs' time
+# with --evaluate the tiles take a smaller share: the evaluation takes several runs' time; each fold's map, one run's
+FOLD_SPREAD_STAGES = {**STAGES, 'tiles': (0.13, 0.55, 'Sliding window'), 'fold_spread': (0.55, 0.92, 'Maps of each fold')}
 EVALUATION_STAGES = {**STAGES, 'tiles': (0.13, 0.30, 'Sliding window'),
                      'evaluate': (0.30, 0.88, 'Evaluating the map (deletion, insertion, sanity check)'),
                      'fold_spread': (0.88, 0.92, 'Maps of each fold')}
@@ -315,7 +316,7 @@ class NNUNetCAMLogic:
         def load(sidecar: dict) -> CamResult:
             return self._load_results(sidecar, out, inputVolume, info, method, options)
         self.current = CamRun(process, workdir, out / f'{case}_cam.json', load, onProgress, onLog, onFinished, onError,
-                              EVALUATION_STAGES if evaluate or foldSpread else STAGES)
+                              EVALUATION_STAGES if evaluate else FOLD_SPREAD_STAGES if foldSpread else STAGES)
         if wait:
             return self.current.wait(event_pump=self.event_pump)
         if self.scheduler is not None:
@@ -369,17 +370,13 @@ class NNUNetCAMLogic:
                 spread[label] = node
             table = chart = None
             if evaluation.evaluations(sidecar):
-                table = evaluation.add_table(self.scene, sidecar, f'{name} map evaluation')
-                added.append(table)
-                curves = evaluation.add_curves(self.scene, sidecar, f'{name} {method}')
-                if curves is not None:
-                    added.extend(self._curve_nodes(*curves))
-                    chart = curves[1]
+                table = evaluation.add_table(self.scene, sidecar, f'{name} map evaluation', added)
+                chart = evaluation.add_curves(self.scene, sidecar, f'{name} {method}', added)
                 notes += evaluation.sanity_lines(sidecar)
+            if chart is not None and self.plots_logic is not None:
+                self.plots_logic.ShowChartInLayout(chart)  # first: it may switch the layout's slice views
             first = next(iter(cams.values()))
             display.show_in_slice_views(self.scene, inputVolume, first, options.opacity)
-            if chart is not None and self.plots_logic is not None:
-                self.plots_logic.ShowChartInLayout(chart)
             if options.volume_rendering:
                 if self.volume_rendering_logic is None:
                     notes.append('volume rendering is not available here; skipped')
@@ -393,8 +390,3 @@ class NNUNetCAMLogic:
             if stats.get('raw_max') == 0:
                 notes.append(f'{label}: no voxels were predicted as {label}, so its CAM is empty')
         return CamResult(segmentation, cams, sidecar, notes, table, chart, spread)
-
-    def _curve_nodes(self, table, chart) -> list:
-        """The curves' table, chart and series nodes (removed together if loading fails)."""
-        return [table, chart] + [self.scene.GetNodeByID(chart.GetNthPlotSeriesNodeID(i))
-                                 for i in range(chart.GetNumberOfPlotSeriesNodes())]

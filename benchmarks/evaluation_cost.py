@@ -1,0 +1,69 @@
+"""What --evaluate costs against the plain run, on the 75-tile case (10 steps, 3 random seeds, sanity check on).
+
+    python benchmarks/evaluation_cost.py
+
+In one process (start-up excluded), tiny 3d_fullres fold 0, no TTA, gradcam at the bottleneck (the default), class
+lesion: the plain run over the 75 tiles, then the evaluation of one lesion (`--target-mask`: the predicted lesion
+nearest the centre, so the region needs a few tiles), then one re-prediction of the whole class's region (the
+lesions are spread over the scan), from which the evaluation of the whole class is extrapolated. Writes
+benchmarks/results/evaluation/cost.json and prints a table.
+"""
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from nnunetv2_cam_core.api import CamEngine
+from nnunetv2_cam_core.demo import SPACING, build_tiny_models, default_cache, model_folder, write_sample_case
+from nnunetv2_cam_core.evaluation import CaseEvaluation, EvaluationSettings, dilate
+from nnunetv2_cam_core.model import load_predictor
+from nnunetv2_cam_core.sliding_window import predict_region, region_tiles
+from nnunetv2_cam_core.targets import predicted_mask
+
+
+def main() -> int:
+    torch.set_num_threads(2)
+    model = model_folder(build_tiny_models(default_cache()))
+    with tempfile.TemporaryDirectory() as tmp:
+        case = write_sample_case(Path(tmp), seed=11, shape=(40, 144, 144), spacing=SPACING, objects=12, name='large')
+        pred = load_predictor(model, [0], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=False)
+        engine = CamEngine(pred, target_class='lesion')
+        data, props, _, _ = engine.preprocess([str(case)])
+    t = time.perf_counter()
+    res = engine.run(data, props, keep_preprocessed=True)
+    plain = time.perf_counter() - t
+    whole = predicted_mask(res.logits, engine.targets, False)[0]
+    parts, n = ndimage.label(whole.numpy())
+    centre = np.array(whole.shape) / 2
+    nearest = min(range(1, n + 1), key=lambda k: np.linalg.norm(np.argwhere(parts == k).mean(0) - centre))
+    one = torch.from_numpy(parts == nearest)
+    settings = EvaluationSettings()  # 10 steps, 3 seeds, sanity check
+    t = time.perf_counter()
+    ev = CaseEvaluation(engine, data, res.logits, res.maps, settings, target_mask=one)
+    figures = ev.run()['lesion']
+    one_lesion = time.perf_counter() - t
+    region = torch.from_numpy(dilate(whole.numpy(), ev.sampling, settings.margin_mm))
+    t = time.perf_counter()
+    predict_region(pred, engine.networks, data, region)
+    per_prediction = time.perf_counter() - t
+    predictions = 1 + 2 * (settings.steps - 1) * (1 + settings.seeds)
+    rows = {'tiles': res.info['tiles'], 'plain_run_s': round(plain, 2),
+            'one_lesion': {'region_tiles': figures['region_tiles'], 'evaluate_s': round(one_lesion, 2),
+                           'ratio_to_plain': round(one_lesion / plain, 2), 'predictions': ev.done},
+            'whole_class': {'region_tiles': region_tiles(pred, data, region),
+                            'one_prediction_s': round(per_prediction, 2),
+                            'curves_s_extrapolated': round(predictions * per_prediction, 1),
+                            'ratio_to_plain_extrapolated': round(predictions * per_prediction / plain, 1)}}
+    out = Path(__file__).parent / 'results' / 'evaluation'
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'cost.json').write_text(json.dumps(rows, indent=2))
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
