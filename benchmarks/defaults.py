@@ -30,8 +30,7 @@ from nnunetv2_cam_core.model import load_predictor
 from nnunetv2_cam_core.sliding_window import CamSpec, combine_layers, sliding_window_cam
 
 CANDIDATES = [('gradcam', 'tile', 'bottleneck'), ('gradcam', 'volume', 'bottleneck'),
-              ('gradcam', 'tile', 'last_decoder'), ('gradcam', 'volume', 'last_decoder'),
-              ('hirescam', None, 'bottleneck'), ('hirescam', None, 'last_decoder'),
+              ('gradcam', 'tile', 'last_decoder'), ('hirescam', None, 'last_decoder'),
               ('eigengradcam', 'volume', 'bottleneck'), ('eigengradcam', 'volume', 'last_decoder')]
 
 
