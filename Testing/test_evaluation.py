@@ -170,3 +170,21 @@ def test_a_flipped_principal_component_gives_the_same_map(monkeypatch):
     monkeypatch.setattr(torch.linalg, 'eigh', flipped)
     assert torch.equal(principal_projection(X, (0, 2, 3, 4)), volume)
     assert torch.equal(principal_projection(X, (2, 3, 4)), per_tile)
+
+
+def test_evaluate_an_earlier_runs_outputs(model3d, small_case, tmp_path, capsys):
+    """`nnunetv2_cam evaluate -o FOLDER`: the same maps again, from the sidecar's settings, plus the figures."""
+    out = tmp_path / 'out'
+    assert main([str(a) for a in ['-i', small_case, '-o', out, '-m', model3d, '-f', '0', '--disable_tta',
+                                  '--target-class', 'organ', '--target-layer', 'last_decoder', '-device', 'cpu',
+                                  '--progress', 'none']]) == 0
+    before = json.loads((out / 'small_cam.json').read_text())
+    cam = sitk.GetArrayFromImage(read(out / before['cams']['organ']))
+    assert main(['evaluate', '-o', str(out), '--eval-steps', '1', '--eval-seeds', '1', '--eval-no-sanity',
+                 '-device', 'cpu', '--progress', 'none']) == 0
+    after = json.loads((out / 'small_cam.json').read_text())
+    assert 'deletion_auc' in after['classes']['organ']['evaluation']
+    assert (after['layers'], after['folds'], after['tta']) == (before['layers'], before['folds'], False)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read(out / after['cams']['organ'])), cam)
+    assert main(['evaluate', '-o', str(tmp_path / 'empty')]) == 2
+    assert 'no CASE_cam.json' in capsys.readouterr().err.splitlines()[-1]

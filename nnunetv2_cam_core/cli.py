@@ -4,6 +4,7 @@ import contextlib
 import json
 import sys
 import traceback
+from pathlib import Path
 from typing import List, Optional
 
 from .errors import CamError, UsageError
@@ -14,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='nnunetv2_cam',
         description='Segmentation and Class Activation Maps for a trained nnU-Net v2 model, written in the '
-                    'original image geometry. `nnunetv2_cam check-env` reports packages and devices.')
+                    'original image geometry. `nnunetv2_cam check-env` reports packages and devices; '
+                    '`nnunetv2_cam evaluate -o FOLDER [--eval-... options]` adds the trust figures to an earlier run.')
     io = p.add_argument_group('input and output')
     io.add_argument('-i', '--input', nargs='+', help='image file(s) or folder in nnU-Net naming (CASE_0000.nii.gz)')
     io.add_argument('-o', '--output', help='output folder')
@@ -184,8 +186,45 @@ def run(args, progress: Progress) -> int:
     return 0
 
 
+def earlier_run_arguments(sidecar: dict, folder: str) -> List[str]:
+    """The arguments that give an earlier run's maps again, from its CASE_cam.json."""
+    args = ['-i', *sidecar['inputs'], '-o', folder, '-m', sidecar['model'], '-f', *map(str, sidecar['folds']),
+            '-chk', sidecar['checkpoint'], '--method', sidecar['method'], '--target-layer', *sidecar['layers'],
+            '--target-class', *sidecar['classes'], '-step_size', str(sidecar['step_size'])]
+    if sidecar.get('pooling'):
+        args += ['--pooling', sidecar['pooling']]
+    if not sidecar['tta']:
+        args.append('--disable_tta')
+    if sidecar.get('target_mask'):
+        args += ['--target-mask', sidecar['target_mask']]
+    elif sidecar.get('target_region') == 'all':
+        args += ['--target-region', 'all']
+    return args
+
+
+def evaluate_earlier_run(argv: List[str]) -> int:
+    """`nnunetv2_cam evaluate -o FOLDER [--eval-... options]`: each case of an earlier run again, with the model,
+    folds, classes, layers, method, pooling, step and TTA its sidecar names, plus --evaluate, over its outputs."""
+    parser = argparse.ArgumentParser(prog='nnunetv2_cam evaluate', description=evaluate_earlier_run.__doc__)
+    parser.add_argument('-o', '--output', required=True, help='the earlier run\'s output folder')
+    known, rest = parser.parse_known_args(argv)
+    sidecars = sorted(Path(known.output).glob('*_cam.json'))
+    if not sidecars:
+        print(f'error: no CASE_cam.json in {known.output}; give the output folder of an earlier nnunetv2_cam run',
+              file=sys.stderr)
+        return 2
+    for path in sidecars:
+        rc = main(earlier_run_arguments(json.loads(path.read_text()), known.output) + ['--evaluate', '--overwrite',
+                                                                                     *rest])
+        if rc:
+            return rc
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ['evaluate']:
+        return evaluate_earlier_run(argv[1:])
     if argv[:1] == ['check-env']:
         info = check_env()
         print(json.dumps(info, indent=2))
