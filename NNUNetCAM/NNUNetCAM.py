@@ -20,7 +20,7 @@ from NNUNetCAMLib import (COLORMAPS, DEFAULT_COLORMAP, DisplayOptions, NNUNetCAM
                           install_requirements, layer_choices, missing_requirements, model_info, target_classes,
                           torch_install_arguments)
 from NNUNetCAMLib import display, evaluation
-from NNUNetCAMLib.logic import stdout_json
+from NNUNetCAMLib.logic import LAYER_TOOLTIP, stdout_json
 from NNUNetCAMLib.process import run_to_end, stdout_of
 
 PYTHON_SETTING = 'NNUNetCAM/python'  # '' = Slicer's own Python
@@ -56,7 +56,7 @@ class NNUNetCAMParameterNode:
     channel3Volume: slicer.vtkMRMLScalarVolumeNode
     modelFolder: str = ''
     targetClass: str = ''
-    targetLayer: str = 'bottleneck'
+    targetLayer: str = 'last_decoder'
     method: str = 'gradcam'
     device: Annotated[str, Choice(['auto', 'cuda', 'cpu'])] = 'auto'
     tta: bool = True
@@ -222,7 +222,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.foldsLayout.addWidget(box)
             self._foldBoxes.append(box)
         self.ui.targetLayerComboBox.blockSignals(True)  # keep the saved layer until the list arrives
-        self.ui.targetLayerComboBox.addItem('bottleneck (listing layers...)', 'bottleneck')
+        self.ui.targetLayerComboBox.addItem('last decoder stage (listing layers...)', 'last_decoder')
         self.ui.targetLayerComboBox.blockSignals(False)
         self.logic.callCore(['--list-layers', '-m', info['folder'], '-device', 'cpu', '--progress', 'json'],
                             lambda rc, events: self.onLayersListed(folder, rc, events))
@@ -241,16 +241,17 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             choices = layer_choices(stdout_json(rc, events))
         except RuntimeError as e:
-            combo.setItemText(0, 'bottleneck (layers could not be listed)')
+            combo.setItemText(0, 'last decoder stage (layers could not be listed)')
             self.log(f'--list-layers: {e}')
             return
-        wanted = self._parameterNode.targetLayer if self._parameterNode else 'bottleneck'
+        wanted = self._parameterNode.targetLayer if self._parameterNode else 'last_decoder'
         combo.blockSignals(True)
         combo.clear()
         for name, text in choices:
             combo.addItem(text, name)
         index = combo.findData(wanted)
-        combo.currentIndex = max(index, 0)
+        combo.currentIndex = max(index, 0)  # the default comes first
+        combo.toolTip = LAYER_TOOLTIP
         combo.blockSignals(False)
 
     def onMethodsListed(self, rc, events):

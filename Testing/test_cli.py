@@ -25,14 +25,15 @@ def test_list_layers_marks_bottleneck_and_decoder(model3d):
     arch = json.loads((model3d / 'plans.json').read_text())['configurations']['3d_fullres']['architecture']
     kw = arch['arch_kwargs']
     last = kw['n_stages'] - 1
-    assert rows[f'encoder.stages.{last}']['mark'] == 'bottleneck (default)'
+    assert rows[f'encoder.stages.{last}']['mark'] == 'bottleneck'
     assert rows['decoder.stages.0']['mark'] == 'decoder stage 0'
+    assert rows[f'decoder.stages.{last - 1}']['mark'] == f'decoder stage {last - 1} (default)'
     expected_stride = [float(x) for x in np.prod(np.array(kw['strides']), axis=0)]
     assert rows[f'encoder.stages.{last}']['stride'] == expected_stride
     assert rows[f'encoder.stages.{last}']['shape'][0] == kw['features_per_stage'][-1]
     assert rows[f'decoder.stages.{last - 1}']['shape'][0] == kw['features_per_stage'][0]
     text = cli('--list-layers', '-m', model3d, '-device', 'cpu')
-    assert 'bottleneck (default)' in text.stdout
+    assert f'decoder stage {last - 1} (default)' in text.stdout
 
 
 def test_check_env():

@@ -322,7 +322,8 @@ def test_layers_and_methods_from_the_core(scene, model3d):
     methods = logic.listMethods()
     assert 'gradcam' in methods and 'hirescam' in methods
     choices = layer_choices(logic.listLayers(model3d))
-    assert choices[0][0] == 'encoder.stages.3' and 'bottleneck' in choices[0][1]
+    assert choices[0][0] == 'decoder.stages.2' and '(default)' in choices[0][1]  # preselected
+    assert 'bottleneck' in dict(choices)['encoder.stages.3']
     decoder = dict(choices)['decoder.stages.2']
     assert 'decoder stage 2' in decoder and 'full resolution' in decoder
     assert '1/4 resolution' in dict(choices)['decoder.stages.0']

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group('CAM')
     c.add_argument('--target-layer', nargs='+', action='extend', help='module name(s) from --list-layers, or the '
                    'shortcuts bottleneck / last_decoder; several are each normalised and averaged (default: '
-                   'bottleneck, the last encoder stage)')
+                   'last_decoder, the last decoder stage)')
     c.add_argument('--target-class', nargs='+', default=['1'], help='class index(es) or dataset.json label name(s); '
                    'several share one forward pass (default: 1)')
     c.add_argument('--method', default='gradcam', help='CAM method (see --list-methods; default: %(default)s)')
