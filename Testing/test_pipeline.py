@@ -98,7 +98,7 @@ def test_cam_values_and_sidecar(cli_run):
     assert side['folds'] == [0, 1] and side['configuration'] == '3d_fullres'
     n_stages = json.loads((Path(side['model']) / 'plans.json').read_text())['configurations']['3d_fullres'][
         'architecture']['arch_kwargs']['n_stages']
-    assert side['layers'] == [f'encoder.stages.{n_stages - 1}'] and side['tta'] is False
+    assert side['layers'] == [f'decoder.stages.{n_stages - 2}'] and side['tta'] is False  # the default: last decoder
     assert (out / 'sample_overview.png').is_file()
     assert not [p for p in out.iterdir() if p.name.startswith('.nnunetcam-')], 'temp folder left behind'
 

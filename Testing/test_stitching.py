@@ -8,6 +8,7 @@ from scipy import ndimage
 from nnunetv2_cam_core.api import CamEngine
 from nnunetv2_cam_core.errors import CamError
 from nnunetv2_cam_core.demo import SPACING, write_sample_case
+from nnunetv2_cam_core.layers import resolve_layers
 from nnunetv2_cam_core.methods import get_method
 from nnunetv2_cam_core.model import fold_networks, load_predictor
 from nnunetv2_cam_core.sliding_window import CamSpec, predict_region, sliding_window_cam
@@ -49,18 +50,26 @@ def seam_score(cam: np.ndarray, slicers) -> float:
     return max(scores)
 
 
-@pytest.mark.parametrize('method', ['hirescam'])
-def test_no_tile_seams(setup, method):
+@pytest.mark.parametrize('method, layer', [('hirescam', 'bottleneck'), ('gradcam', 'last_decoder')])
+def test_no_tile_seams(setup, method, layer):
+    """A coarse layer's map, element-wise: no more change across tile borders than elsewhere (1.2x). The default
+    map, at full resolution: no more than nnU-Net's own probability of the class, blended over the same tiles,
+    shows (both carry the network's behaviour near a tile's border; 1.47 and 1.51 on one build)."""
     pred, engine, nets, data = setup
-    spec = CamSpec(get_method(method), engine.layers, engine.targets[:1])
+    spec = CamSpec(get_method(method), resolve_layers(nets[0], [layer]), engine.targets[:1])
     out = sliding_window_cam(pred, nets[:1], data, spec)
     cam = out.cams[0, 0].numpy()
     slicers = pred._internal_get_sliding_window_slicers(data.shape[1:])
     assert out.n_tiles == len(slicers) >= 75
     assert cam.max() > 0
     score = seam_score(cam, slicers)
-    print(f'\nseam score, {method} bottleneck: {score:.3f}')
-    assert score <= 1.2, f'{method}: seam score {score:.3f}'
+    print(f'\nseam score, {method} {layer}: {score:.3f}')
+    if layer == 'bottleneck':
+        assert score <= 1.2, f'{method}: seam score {score:.3f}'
+    else:
+        probability = torch.softmax(out.logits, 0)[engine.targets[0].channel].numpy()
+        own = seam_score(probability, slicers)
+        assert score <= 1.1 * own, f'{method}: seam score {score:.3f}, nnU-Net\'s probability {own:.3f}'
 
 
 def test_seam_score_detects_seams(setup):
