@@ -2,7 +2,7 @@
 
     python benchmarks/evaluation_cost.py
 
-In one process (start-up excluded), tiny 3d_fullres fold 0, no TTA, gradcam at the bottleneck (the default), class
+In one process (start-up excluded), tiny 3d_fullres fold 0, no TTA, gradcam at the default layer (the last decoder stage), class
 lesion: the plain run over the 75 tiles, then the evaluation of one lesion (`--target-mask`: the predicted lesion
 nearest the centre, so the region needs a few tiles), then one re-prediction of the whole class's region (the
 lesions are spread over the scan), from which the evaluation of the whole class is extrapolated. Writes
