@@ -11,7 +11,7 @@ from nnunetv2_cam_core.demo import SPACING, write_sample_case
 from nnunetv2_cam_core.layers import resolve_layers
 from nnunetv2_cam_core.methods import get_method
 from nnunetv2_cam_core.model import fold_networks, load_predictor
-from nnunetv2_cam_core.sliding_window import CamSpec, predict_region, sliding_window_cam
+from nnunetv2_cam_core.sliding_window import CamSpec, RegionPrediction, sliding_window_cam
 from nnunetv2_cam_core.targets import predicted_mask
 
 
@@ -264,9 +264,33 @@ def test_region_tiles_alone_give_the_full_run_inside_the_region(setup, method):
     slicers = pred._internal_get_sliding_window_slicers(data.shape[1:])  # the case is larger than a tile: no padding
     assert part.n_tiles == sum(bool(region[sl[1:]].any()) for sl in slicers) < full.n_tiles
     assert torch.equal(part.logits[:, region], full.logits[:, region])
-    # the same tiles, forwards only (the evaluation's re-predictions)
-    assert torch.equal(predict_region(pred, nets[:1], data, region), full.logits[:, region])
+    # the same tiles, forwards only (the evaluation's re-predictions), one patch per forward as the full run
+    alone = RegionPrediction(pred, nets[:1], data, region, batch=1)
+    assert alone.tiles == [k for k, sl in enumerate(slicers) if region[sl[1:]].any()]
+    assert torch.equal(alone([data])[0], full.logits[:, region])
     assert full.cams[0, 0][region].max() > 0 and torch.equal(part.cams[:, :, region], full.cams[:, :, region])
+
+
+def test_region_prediction_batches_variants_and_mirrors_as_if_each_ran_alone(setup):
+    """Variants of a case x nnU-Net's mirrors go through the network in batches; each variant's logits are those of
+    its own run (to float rounding: a batched convolution may sum in another order)."""
+    pred, engine, nets, data = setup
+    data = crop(data, (20, 72, 72))  # 4 tiles
+    centre = np.unravel_index(int(torch.argmax(data[0])), data.shape[1:])
+    region = torch.zeros(data.shape[1:], dtype=torch.bool)
+    region[centre] = True
+    other = data.clone()
+    other[(slice(None), *[slice(c - 3, c + 3) for c in centre])] = 0
+    spec = CamSpec(get_method('gradcam'), engine.layers, engine.targets[:1], mask=region, only_region=region)
+    pred.use_mirroring = True
+    try:
+        runs = [sliding_window_cam(pred, nets, x, spec).logits[:, region] for x in (data, other)]
+        batched = RegionPrediction(pred, nets, data, region, batch=5)([data, other])
+    finally:
+        pred.use_mirroring = False
+    assert not torch.allclose(runs[0], runs[1], atol=1e-3)
+    for b, r in zip(batched, runs):
+        assert torch.allclose(b, r, atol=1e-4, rtol=1e-4)
 
 
 def test_region_of_wrong_shape_or_empty_is_refused(setup):
