@@ -41,6 +41,9 @@ def test_the_maps_ranking_deletes_faster_than_random(evaluated):
         assert e['deletion'][0] > e['deletion'][-1]
         assert e['deletion_auc'] < e['random_deletion_auc'], name
         assert e['deletion_ratio'] == pytest.approx(e['deletion_auc'] / e['random_deletion_auc'])
+        # a random ranking inserted is the reversed ranking deleted: the same images, read backwards
+        assert e['random_insertion'] == pytest.approx(e['random_deletion'][::-1])
+        assert e['random_insertion_auc'] == pytest.approx(e['random_deletion_auc'])
         assert e['region_tiles'] >= 1 and e['region_voxels'] > sidecar['classes'][name]['predicted_voxels']
 
 

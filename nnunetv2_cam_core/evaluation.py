@@ -18,7 +18,7 @@ from scipy import ndimage
 from scipy.stats import spearmanr
 
 from .errors import UsageError
-from .sliding_window import CamSpec, combine_layers, predict_region, region_tiles, sliding_window_cam
+from .sliding_window import CamSpec, RegionPrediction, combine_layers, sliding_window_cam
 from .targets import Target, predicted_mask
 
 SANITY_LIMIT = 0.5  # rank correlation above this once the decoder is random: the map does not depend on the model
@@ -131,9 +131,9 @@ class CaseEvaluation:
         self.done, self.total = 0, 0
 
     def plan(self) -> Dict[str, dict]:
-        """Per class: its mask, region and tile count, or why it is skipped. Sets the number of predictions."""
+        """Per class: its mask, region and re-prediction, or why it is skipped. Sets the number of predictions."""
         out = {}
-        per_ranking = 2 * max(self.s.steps - 1, 0)
+        per_ranking = max(self.s.steps - 1, 0)
         for i, t in enumerate(self.engine.targets):
             mask = self.target_mask if self.target_mask is not None else \
                 predicted_mask(self.logits, [t], self.has_regions)[0]
@@ -141,14 +141,14 @@ class CaseEvaluation:
                 out[t.name] = {'skipped': f'no voxels predicted as {t.name}: nothing to evaluate'}
                 continue
             region = torch.from_numpy(dilate(mask.numpy(), self.sampling, self.s.margin_mm))
-            n_tiles = region_tiles(self.predictor, self.data, region)
-            if n_tiles > self.s.max_tiles:
-                out[t.name] = {'skipped': f'the region of {t.name} needs {n_tiles} tiles, more than '
+            predict = RegionPrediction(self.predictor, self.engine.networks, self.data, region)
+            if len(predict.tiles) > self.s.max_tiles:
+                out[t.name] = {'skipped': f'the region of {t.name} needs {len(predict.tiles)} tiles, more than '
                                           f'--eval-max-tiles {self.s.max_tiles}; raise it to evaluate this class'}
                 continue
             sanity = len(randomisation_groups(self.engine.networks[0])) + 2 if self.s.sanity else 0
-            out[t.name] = {'index': i, 'mask': mask, 'region': region, 'tiles': n_tiles}
-            self.total += 1 + (1 + self.s.seeds) * per_ranking + sanity
+            out[t.name] = {'index': i, 'mask': mask, 'region': region, 'predict': predict}
+            self.total += 1 + (2 + self.s.seeds) * per_ranking + sanity
         return out
 
     def _tick(self) -> None:
@@ -156,57 +156,68 @@ class CaseEvaluation:
         if self.on_step:
             self.on_step(self.done, max(self.total, self.done))
 
-    def score(self, data: torch.Tensor, t: Target, region: torch.Tensor) -> float:
-        """The class's mean probability (softmax, or sigmoid for a region) inside the region."""
-        self._tick()
-        return self._score_of(predict_region(self.predictor, self.engine.networks, data, region), t)
+    def scores(self, predict: RegionPrediction, variants: List[torch.Tensor], t: Target) -> List[float]:
+        """The class's mean probability (softmax, or sigmoid for a region) inside the region, per variant."""
+        out = [self._score_of(logits, t) for logits in predict(variants)]
+        for _ in variants:
+            self._tick()
+        return out
 
     def _score_of(self, logits: torch.Tensor, t: Target) -> float:
         probs = torch.sigmoid(logits[t.channel]) if self.has_regions else torch.softmax(logits, 0)[t.channel]
         return float(probs.double().mean())
 
-    def curves(self, t: Target, i: int, region: torch.Tensor) -> dict:
-        """Deletion and insertion of the map's ranking and of random rankings; AUCs over the fraction changed."""
+    def curves(self, t: Target, i: int, region: torch.Tensor, predict: RegionPrediction) -> dict:
+        """Deletion and insertion of the map's ranking and of random rankings; AUCs over the fraction changed.
+        A random ranking's insertion is its deletion read backwards (inserting the last-ranked voxels first is
+        deleting the first-ranked: the same images), so each random seed costs one curve of predictions."""
         inside = region.numpy()
         cam = self.maps[i].numpy()[inside]
         idx = np.flatnonzero(inside.ravel())
         rng = np.random.default_rng(0)
-        rankings = {'map': np.lexsort((rng.random(cam.size), -cam))}  # highest first, ties in random order
-        for seed in range(self.s.seeds):
-            rankings[f'random {seed}'] = np.random.default_rng(1000 + seed).permutation(cam.size)
+        order = np.lexsort((rng.random(cam.size), -cam))  # highest first, ties in random order
+        randoms = [np.random.default_rng(1000 + seed).permutation(cam.size) for seed in range(self.s.seeds)]
         fractions = np.linspace(0, 1, self.s.steps + 1)
         original = self._score_of(self.logits[:, region], t)
         blank = self.data.clone()
         blank[:self.n_images, region] = self.base[:self.n_images, region]
-        baseline = self.score(blank, t, region)
+        baseline = self.scores(predict, [blank], t)[0]
         flat_data, flat_base = self.data.flatten(1), self.base.flatten(1)
-        out = {}
-        for name, order in rankings.items():
-            deletion, insertion = [original], [baseline]
-            for f in fractions[1:-1]:
-                top = idx[order[:int(round(f * cam.size))]]
-                x = self.data.clone().flatten(1)
-                x[:self.n_images, top] = flat_base[:self.n_images, top]
-                deletion.append(self.score(x.view_as(self.data), t, region))
-                x = blank.clone().flatten(1)
-                x[:self.n_images, top] = flat_data[:self.n_images, top]
-                insertion.append(self.score(x.view_as(self.data), t, region))
-            deletion.append(baseline)
-            insertion.append(original)
-            out[name] = (deletion, insertion)
-        auc = {name: (_auc(d, fractions), _auc(n, fractions)) for name, (d, n) in out.items()}
-        random_del = float(np.mean([auc[k][0] for k in auc if k != 'map']))
-        random_ins = float(np.mean([auc[k][1] for k in auc if k != 'map']))
+
+        def replaced(start, source, top):
+            x = start.clone().flatten(1)
+            x[:self.n_images, top] = source[:self.n_images, top]
+            return x.view_as(self.data)
+
+        deletion, insertion = [original], [baseline]
+        random_deletion = [[original] for _ in randoms]
+        for f in fractions[1:-1]:
+            n = int(round(f * cam.size))
+            top = idx[order[:n]]
+            variants = [replaced(self.data, flat_base, top), replaced(blank, flat_data, top)] + \
+                [replaced(self.data, flat_base, idx[r[:n]]) for r in randoms]
+            s = self.scores(predict, variants, t)
+            deletion.append(s[0])
+            insertion.append(s[1])
+            for curve, score in zip(random_deletion, s[2:]):
+                curve.append(score)
+        deletion.append(baseline)
+        insertion.append(original)
+        for curve in random_deletion:
+            curve.append(baseline)
+        random_insertion = [curve[::-1] for curve in random_deletion]
+        random_del = float(np.mean([_auc(c, fractions) for c in random_deletion]))
+        random_ins = float(np.mean([_auc(c, fractions) for c in random_insertion]))
         return {
             'fractions': fractions.round(6).tolist(),
-            'deletion': out['map'][0], 'insertion': out['map'][1],
-            'random_deletion': np.mean([out[k][0] for k in out if k != 'map'], 0).tolist(),
-            'random_insertion': np.mean([out[k][1] for k in out if k != 'map'], 0).tolist(),
-            'deletion_auc': auc['map'][0], 'insertion_auc': auc['map'][1],
+            'deletion': deletion, 'insertion': insertion,
+            'random_deletion': np.mean(random_deletion, 0).tolist(),
+            'random_insertion': np.mean(random_insertion, 0).tolist(),
+            'deletion_auc': _auc(deletion, fractions), 'insertion_auc': _auc(insertion, fractions),
             'random_deletion_auc': random_del, 'random_insertion_auc': random_ins,
             # below 1: the map finds what the score needs faster than chance; above 1 for insertion
-            'deletion_ratio': auc['map'][0] / random_del if random_del > 0 else None,
-            'insertion_ratio': auc['map'][1] / random_ins if random_ins > 0 else None,
+            'deletion_ratio': _auc(deletion, fractions) / random_del if random_del > 0 else None,
+            'insertion_ratio': _auc(insertion, fractions) / random_ins if random_ins > 0 else None,
         }
 
     def _region_map(self, networks, data, t: Target, mask, region) -> np.ndarray:
@@ -254,8 +265,8 @@ class CaseEvaluation:
             if 'skipped' in pl:
                 out[t.name] = {'skipped': pl['skipped']}
                 continue
-            res = {'region_voxels': int(pl['region'].sum()), 'region_tiles': pl['tiles'],
-                   **self.curves(t, pl['index'], pl['region'])}
+            res = {'region_voxels': int(pl['region'].sum()), 'region_tiles': len(pl['predict'].tiles),
+                   **self.curves(t, pl['index'], pl['region'], pl['predict'])}
             if self.s.sanity:
                 res['sanity'] = self.sanity(t, pl['mask'], pl['region'])
             out[t.name] = res
