@@ -50,7 +50,8 @@ class CamEngine:
 
     def __init__(self, predictor, target_layer=None, target_class=1, method: str = 'gradcam',
                  pooling: Optional[str] = None, target_region: str = 'predicted', pool_size: Optional[int] = None,
-                 pool_mode: str = 'max', low_memory: bool = False, channel_attribution: bool = False):
+                 pool_mode: str = 'max', low_memory: bool = False, channel_attribution: bool = False,
+                 networks: Optional[List[torch.nn.Module]] = None):
         if pooling not in (None, 'volume', 'tile'):
             raise UsageError(f'--pooling must be volume or tile, not {pooling!r}')
         if target_region not in ('predicted', 'all'):
@@ -58,7 +59,7 @@ class CamEngine:
         self.predictor = predictor
         self.method = get_method(method, pool_size, pool_mode)
         self.targets = resolve_targets(predictor.label_manager, predictor.dataset_json, _as_list(target_class))
-        self.networks = fold_networks(predictor)
+        self.networks = networks or fold_networks(predictor)  # the server passes the loaded ones
         self.layers = resolve_layers(self.networks[0], _as_list(target_layer))
         self.pooling, self.region = pooling or self.method.default_pooling, target_region
         self.low_memory = low_memory
@@ -114,13 +115,20 @@ class CamEngine:
         return cm.resampling_fn_seg(m, shape, spacing, target)[0] > 0
 
     def run(self, data: torch.Tensor, properties: dict, mask: Optional[torch.Tensor] = None,
-            on_tile: Optional[Callable[[int, int], None]] = None, keep_preprocessed: bool = False) -> CaseResult:
-        """Preprocessed data and its properties -> segmentation and CAMs in the original geometry, in memory."""
+            on_tile: Optional[Callable[[int, int], None]] = None, keep_preprocessed: bool = False,
+            stitched_logits: Optional[torch.Tensor] = None) -> CaseResult:
+        """Preprocessed data and its properties -> segmentation and CAMs in the original geometry, in memory.
+        With `stitched_logits` (an earlier full run's of this case) and a mask, only the tiles that overlap the mask
+        run: a tile without target voxels adds nothing to a map, so the maps equal a full run's with that mask, and
+        the segmentation is the earlier run's."""
         p = self.predictor
         t0 = time.perf_counter()
+        only = mask if stitched_logits is not None and mask is not None else None
         spec = CamSpec(self.method, self.layers, self.targets, self.pooling, self.region, mask, self.low_memory,
-                       channel_attribution=self.channel_attribution)
+                       channel_attribution=self.channel_attribution, only_region=only)
         out = sliding_window_cam(p, self.networks, data, spec, on_tile)
+        if stitched_logits is not None:
+            out.logits = stitched_logits
         t1 = time.perf_counter()
         seg = segmentation_to_original(out.logits, properties, p)
         raw = combine_layers(out.cams)
@@ -194,6 +202,17 @@ def check_writable(folder: Path) -> None:
 
 
 @dataclass
+class PreparedCase:
+    """A case already read and preprocessed for the engine's model (the server's cache): no reading or
+    preprocessing; `logits`, an earlier full run's, let a masked run compute only the mask's tiles."""
+    data: torch.Tensor
+    properties: dict
+    image: np.ndarray
+    mask: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+
+
+@dataclass
 class CaseOptions:
     """What a run writes and checks for every case."""
     target_mask: Optional[str] = None
@@ -204,6 +223,7 @@ class CaseOptions:
     evaluation: Optional[EvaluationSettings] = None  # --evaluate
     reference_mask: Optional[str] = None
     fold_spread: bool = False
+    prepared: Optional[PreparedCase] = None
 
 
 def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str, Path], *,
@@ -212,16 +232,17 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
               checkpoint: str = 'checkpoint_final.pth', save_raw: bool = False,
               save_numpy: bool = False, save_slices: bool = False, overwrite: bool = False,
               evaluation: Optional[EvaluationSettings] = None, reference_mask: Optional[str] = None,
-              save_fold_spread: bool = False,
+              save_fold_spread: bool = False, prepared: Optional[PreparedCase] = None,
               progress: Optional[Progress] = None, run_info: Optional[dict] = None) -> Dict[str, CaseResult]:
     """Every case in `inputs` -> files in `output_folder`, one case at a time, each written atomically. A cascade
     stage takes its previous stage's segmentations from `prev_stage_folder`, or runs `previous_stage_model` (with
     the cascade's `folds` where it has them) first, as nnU-Net would, keeping nothing of it. `evaluation` adds the
-    trust figures (deletion/insertion, sanity check, mask statistics, against `reference_mask` too) to the sidecar."""
+    trust figures (deletion/insertion, sanity check, mask statistics, against `reference_mask` too) to the sidecar.
+    `prepared`: the one case of `inputs`, already preprocessed; its result keeps the stitched logits."""
     p = engine.predictor
     progress = progress or Progress('none')
     opts = CaseOptions(target_mask, save_raw, save_numpy, save_slices, overwrite, evaluation, reference_mask,
-                       save_fold_spread)
+                       save_fold_spread, prepared)
     if evaluation is not None:
         evaluation.check()
     elif reference_mask is not None:
@@ -290,13 +311,17 @@ def _run_case(engine, case, files, out_dir, rw, ending, opts: CaseOptions, prev_
             raise UsageError(f'no previous-stage segmentation {prev}; run the previous stage on {case} first')
     t_previous = time.perf_counter()
     progress.stage('preprocess', case)
-    data, props, mask, image = engine.preprocess(files, opts.target_mask, prev)
+    pc = opts.prepared
+    data, props, mask, image = (pc.data, pc.properties, pc.mask, pc.image) if pc else \
+        engine.preprocess(files, opts.target_mask, prev)
     fmt = cam_format(rw, props)  # a model whose maps cannot be written fails here, before the work
     reference = None if opts.reference_mask is None else \
         read_label(rw, opts.reference_mask, props, image.shape, 'reference mask')[0]
     t1 = time.perf_counter()
     progress.stage('tiles', case)
-    res = engine.run(data, props, mask, on_tile=progress.tiles, keep_preprocessed=opts.evaluation is not None)
+    res = engine.run(data, props, mask, on_tile=progress.tiles,
+                     keep_preprocessed=opts.evaluation is not None or pc is not None,
+                     stitched_logits=pc.logits if pc else None)
     timings = {'previous_stage': round(t_previous - t0, 3), 'preprocess': round(t1 - t_previous, 3),
                **res.info['timings_s']}
     evaluation = spread = None
@@ -343,7 +368,7 @@ def _run_case(engine, case, files, out_dir, rw, ending, opts: CaseOptions, prev_
         timings['total'] = round(time.perf_counter() - t0, 3)
         sidecar = {**(run_info or {}), 'case': case, 'inputs': list(files), 'method': method,
                    'layers': engine.layers, 'pooling': engine.pooling if engine.method.pooled else None,
-                   'target_region': 'mask' if opts.target_mask else engine.region, 'target_mask': opts.target_mask,
+                   'target_region': 'mask' if mask is not None else engine.region, 'target_mask': opts.target_mask,
                    'tta': bool(p.use_mirroring and p.allowed_mirroring_axes), 'step_size': p.tile_step_size,
                    'low_memory': res.info['low_memory'], 'cam_format': fmt,
                    'input_channels': input_channel_names(p),

@@ -225,6 +225,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ['evaluate']:
         return evaluate_earlier_run(argv[1:])
+    if argv[:1] == ['serve']:
+        from .server import main as serve
+        return serve(argv[1:])
     if argv[:1] == ['check-env']:
         info = check_env()
         print(json.dumps(info, indent=2))

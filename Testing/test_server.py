@@ -1,0 +1,207 @@
+"""The explanation server, run as a real process on 127.0.0.1 and used over real HTTP."""
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+
+from conftest import run_cli
+from nnunetv2_cam_core.client import ServerClient
+from nnunetv2_cam_core.demo import SPACING, write_sample_case
+
+
+@pytest.fixture(scope='module')
+def server(results_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('server')
+    token_file = tmp / 'token'
+    proc = subprocess.Popen([sys.executable, '-m', 'nnunetv2_cam_core', 'serve', '--models', str(results_dir),
+                             '--port', '0', '--token-file', str(token_file), '-device', 'cpu',
+                             '--max-upload-mb', '8', '--queue', '2'],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first['event'] == 'listening' and first['url'].startswith('http://127.0.0.1:')
+        yield first['url'], first['token'], token_file, results_dir
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope='module')
+def client(server):
+    url, token, _, _ = server
+    return ServerClient(url, token)
+
+
+def model_id(model3d, results_dir) -> str:
+    return str(model3d.relative_to(results_dir))
+
+
+def run(client, model, case, **request) -> dict:
+    job = client.wait(client.explain(model, case, **request))
+    assert job['status'] == 'done', job
+    return job
+
+
+def sidecar(client, job) -> dict:
+    return json.loads(client._call('GET', f'/jobs/{job["id"]}/files/case_cam.json').content)
+
+
+def test_token_is_random_private_and_required(server):
+    url, token, token_file, _ = server
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    assert token_file.read_text().strip() == token and len(token) >= 32
+    assert requests.get(f'{url}/v1/health', timeout=10).status_code == 401
+    wrong = requests.get(f'{url}/v1/health', headers={'Authorization': 'Bearer ' + 'x' * len(token)}, timeout=10)
+    assert wrong.status_code == 401
+    assert requests.get(f'{url}/v1/health', headers={'Authorization': f'Bearer {token}'}, timeout=10).ok
+
+
+def test_refuses_what_is_not_allowed_and_keeps_serving(server, client, small_case, model3d, tmp_path):
+    url, token, _, results_dir = server
+    auth = {'Authorization': f'Bearer {token}'}
+    case = client.upload([str(small_case)])
+    for outside in ('../../..', '/etc', str(results_dir.parent)):
+        r = requests.post(f'{url}/v1/explain', json={'model': outside, 'case': case}, headers=auth, timeout=10)
+        assert r.status_code == 403, outside
+    big = tmp_path / 'big_0000.nii.gz'
+    big.write_bytes(os.urandom(9 * 1024 ** 2))
+    with open(big, 'rb') as f:
+        assert requests.post(f'{url}/v1/cases', files={'files': (big.name, f)}, headers=auth,
+                             timeout=30).status_code == 413
+    r = requests.post(f'{url}/v1/explain', data='{"model": 1', headers={**auth, 'Content-Type': 'application/json'},
+                      timeout=10)
+    assert r.status_code == 422
+    r = requests.post(f'{url}/v1/explain', json={'model': model_id(model3d, results_dir)}, headers=auth, timeout=10)
+    assert r.status_code == 422 and r.json()['detail'][0]['loc'] == ['body', 'case']
+    for path in ('/v1/jobs/..%2F..%2Fetc%2Fpasswd', f'/v1/jobs/{"0" * 16}/files/..%2F..%2Ftoken',
+                 '/v1/cases/../../etc'):
+        assert requests.get(url + path, headers=auth, timeout=10).status_code in (404, 405), path
+    r = requests.delete(f'{url}/v1/cases/..%2F{case}', headers=auth, timeout=10)
+    assert r.status_code == 404
+    # a failing job reports the CLI's one line; the next one runs
+    job = client.wait(client.explain(model_id(model3d, results_dir), case, classes=['tumour'], tta=False))
+    assert job['status'] == 'failed' and 'tumour' in job['error'] and '\n' not in job['error']
+    run(client, model_id(model3d, results_dir), case, classes=['lesion'], tta=False)
+
+
+def test_second_request_on_a_cached_case_loads_and_preprocesses_nothing(server, client, small_case, model3d,
+                                                                        tmp_path):
+    model = model_id(model3d, server[3])
+    case = client.upload([str(small_case)])
+    before = client.health()['counters']
+    first = run(client, model, case, classes=['lesion'], folds=[0], tta=False)
+    second = run(client, model, case, classes=['organ'], folds=[0], tta=False, method='hirescam')
+    after = client.health()['counters']
+    assert after['preprocessings'] - before['preprocessings'] == 1
+    assert after['model_loads'] - before['model_loads'] <= 1  # 0 if an earlier test loaded it
+    assert {'model', 'preprocessed case'} <= set(second['reused'])
+    s1, s2 = sidecar(client, first), sidecar(client, second)
+    assert list(s1['classes']) == ['lesion'] and list(s2['classes']) == ['organ'] and s2['method'] == 'hirescam'
+    # the results, in the uploaded image's geometry, equal a CLI run's
+    files = client.download(second['id'], tmp_path / 'served', second['files'])
+    assert run_cli(['-i', small_case, '-o', tmp_path / 'cli', '-m', model3d, '-f', '0', '--disable_tta',
+                    '--target-class', 'organ', '--method', 'hirescam', '-device', 'cpu']) == 0
+    for name in ('case.nii.gz', 'case_cam_organ_hirescam.nii.gz'):
+        theirs = sitk.ReadImage(str(tmp_path / 'cli' / name.replace('case', 'small')))
+        ours = sitk.ReadImage(str(files[name]))
+        assert ours.GetSize() == theirs.GetSize() and ours.GetDirection() == theirs.GetDirection()
+        assert np.allclose(ours.GetOrigin(), theirs.GetOrigin()) and np.allclose(ours.GetSpacing(),
+                                                                                  theirs.GetSpacing())
+        assert np.allclose(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(theirs), atol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def large_case(tmp_path_factory):
+    return write_sample_case(tmp_path_factory.mktemp('large'), seed=11, shape=(40, 144, 144), spacing=SPACING,
+                             objects=12, name='large')
+
+
+def test_a_region_runs_its_tiles_alone_and_equals_a_full_run_with_that_mask(server, client, large_case, model3d,
+                                                                            tmp_path):
+    """A box around one object, in voxel indices and as RAS millimetres: only the tiles that overlap it run, and
+    the map equals the CLI's full run with the same target mask, inside and outside the box."""
+    model = model_id(model3d, server[3])
+    case = client.upload([str(large_case)])
+    common = dict(classes=['lesion'], folds=[0], tta=False)
+    full = run(client, model, case, **common)
+    n_full = sidecar(client, full)['tiles']
+    img = sitk.ReadImage(str(large_case))
+    lo, hi = [60, 60, 14], [80, 80, 24]
+    box = run(client, model, case, region={'kind': 'box', 'box': [lo, hi]}, **common)
+    s = sidecar(client, box)
+    assert s['target_region'] == 'mask' and s['tiles'] < n_full
+    assert any('stitched logits' in r for r in box['reused'])
+    ras = [[-c[0], -c[1], c[2]] for c in (img.TransformIndexToPhysicalPoint(lo), img.TransformIndexToPhysicalPoint(hi))]
+    by_mm = run(client, model, case, region={'kind': 'box', 'box': ras, 'space': 'ras'}, **common)
+    files = client.download(box['id'], tmp_path / 'box', box['files'])
+    mm = client.download(by_mm['id'], tmp_path / 'mm', ['case_cam_lesion_gradcam.nii.gz'])
+    mask = np.zeros(sitk.GetArrayViewFromImage(img).shape, np.uint8)
+    mask[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] = 1
+    m = sitk.GetImageFromArray(mask)
+    m.CopyInformation(img)
+    sitk.WriteImage(m, str(tmp_path / 'box.nii.gz'))
+    assert run_cli(['-i', large_case, '-o', tmp_path / 'cli', '-m', model3d, '-f', '0', '--disable_tta',
+                    '--target-class', 'lesion', '--target-mask', tmp_path / 'box.nii.gz', '-device', 'cpu']) == 0
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'cli' / 'large_cam_lesion_gradcam.nii.gz')))
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(files['case_cam_lesion_gradcam.nii.gz'])))
+    assert theirs.max() > 0 and np.allclose(ours, theirs, atol=1e-4)
+    assert np.allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(mm['case_cam_lesion_gradcam.nii.gz']))), ours,
+                       atol=1e-6)
+    seg_full = client.download(full['id'], tmp_path / 'full', ['case.nii.gz'])['case.nii.gz']
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(files['case.nii.gz']))),
+                          sitk.GetArrayFromImage(sitk.ReadImage(str(seg_full))))
+
+
+def test_cancel_stops_the_job_and_the_next_one_runs(server, client, large_case, small_case, model3d):
+    model = model_id(model3d, server[3])
+    case = client.upload([str(large_case)])
+    job_id = client.explain(model, case, classes=['lesion'], folds=[0], tta=False)  # 75 tiles, 0.2 s each
+    while not any(e['event'] == 'tiles' for e in client._call('GET', f'/jobs/{job_id}/events').json()):
+        time.sleep(0.1)
+    t = time.perf_counter()
+    client.cancel(job_id)
+    job = client.wait(job_id, poll_s=0.05)
+    assert job['status'] == 'cancelled' and time.perf_counter() - t < 2 and not job['files']
+    run(client, model, client.upload([str(small_case)]), classes=['lesion'], tta=False)
+
+
+def test_concurrent_requests_complete_or_get_503_and_none_is_mixed_up(server, client, small_case, model3d):
+    """20 requests at once against a queue of 2: each is accepted and completes with its own result, or is told
+    to retry later (503 with Retry-After); none is lost."""
+    url, token, _, results_dir = server
+    model = model_id(model3d, results_dir)
+    case = client.upload([str(small_case)])
+    answers = [None] * 20
+
+    def ask(i):
+        r = requests.post(f'{url}/v1/explain', headers={'Authorization': f'Bearer {token}'}, timeout=30,
+                          json={'model': model, 'case': case, 'classes': [['lesion', 'organ'][i % 2]], 'tta': False,
+                                'folds': [0]})
+        answers[i] = r
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(20)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert all(a is not None for a in answers)
+    assert {a.status_code for a in answers} <= {200, 503}
+    busy = [a for a in answers if a.status_code == 503]
+    assert busy and all(a.headers.get('Retry-After') for a in busy)
+    accepted = [(i, a.json()['id']) for i, a in enumerate(answers) if a.status_code == 200]
+    assert accepted
+    for i, job_id in accepted:
+        job = client.wait(job_id)
+        assert job['status'] == 'done'
+        assert list(sidecar(client, job)['classes']) == [['lesion', 'organ'][i % 2]]
+    h = client.health()
+    assert h['cache_bytes'] <= h['cache_limit_bytes'] and h['queued'] == 0

@@ -1,0 +1,496 @@
+"""`nnunetv2_cam serve`: an HTTP server over CamEngine. Models and cases stay loaded; explanations run as jobs, one
+at a time, with the same progress events as `--progress json`; a region is re-explained from the tiles that overlap
+it alone, on the cached case and the cached stitched logits.
+
+Safe by default: loopback only, a bearer token on every request, model folders only under `--models` roots, opaque
+ids, bounded uploads, cache and queue.
+"""
+import argparse
+import json
+import os
+import queue
+import re
+import secrets
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Union
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from .api import CamEngine, PreparedCase, _versions, run_cases
+from .errors import CamError, UsageError
+from .inputs import read_label
+from .model import fold_networks, load_predictor, resolve_device, resolve_folds
+from .progress import Progress
+
+API = '/v1'
+ID = re.compile(r'^[0-9a-f]{16}$')
+ENDINGS = ('.nii.gz', '.nii', '.nrrd', '.nhdr', '.mha', '.mhd', '.png', '.tif', '.tiff')
+
+
+class Region(BaseModel):
+    """Which voxels to explain. predicted/all: the whole case; mask: an uploaded case holding a mask; box/point:
+    in voxel indices (i, j, k) of the uploaded image, or in RAS millimetres."""
+    kind: Literal['predicted', 'all', 'mask', 'box', 'point'] = 'predicted'
+    mask: Optional[str] = None
+    box: Optional[List[List[float]]] = Field(None, description='[[lo...], [hi...]], both inclusive')
+    point: Optional[List[float]] = None
+    radius_mm: float = Field(10, gt=0)
+    space: Literal['voxel', 'ras'] = 'voxel'
+
+
+class ExplainRequest(BaseModel):
+    model: str
+    case: str
+    folds: Optional[List[Union[int, str]]] = None
+    checkpoint: str = 'checkpoint_final.pth'
+    tta: bool = True
+    step_size: float = Field(0.5, gt=0, le=1)
+    classes: List[Union[int, str]] = ['1']
+    layers: Optional[List[str]] = None
+    method: str = 'gradcam'
+    pooling: Optional[Literal['volume', 'tile']] = None
+    region: Region = Region()
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    id: str
+    request: ExplainRequest
+    folder: Path
+    out: Path
+    status: str = 'queued'  # queued, running, done, failed, cancelled
+    events: list = field(default_factory=list)
+    error: Optional[str] = None
+    files: Dict[str, str] = field(default_factory=dict)
+    reused: List[str] = field(default_factory=list)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def write(self, line: str) -> None:
+        """Progress's stream: each event kept for the client; a cancelled job stops at its next event."""
+        if line.strip():
+            self.events.append(json.loads(line))
+        if self.cancel.is_set():
+            raise Cancelled()
+
+    def flush(self) -> None:
+        pass
+
+    def public(self) -> dict:
+        return {'id': self.id, 'status': self.status, 'error': self.error, 'files': sorted(self.files),
+                'reused': self.reused, 'events': len(self.events)}
+
+
+class Cache:
+    """Least recently used entries, bounded by bytes."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit, self.items, self.lock = limit_bytes, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key][0]
+        return None
+
+    def put(self, key, value, nbytes: int) -> None:
+        with self.lock:
+            self.items[key] = (value, nbytes)
+            self.items.move_to_end(key)
+            while len(self.items) > 1 and self.bytes() > self.limit:
+                self.items.popitem(last=False)
+
+    def drop(self, match) -> None:
+        with self.lock:
+            for key in [k for k in self.items if match(k)]:
+                del self.items[key]
+
+    def bytes(self) -> int:
+        return sum(n for _, n in self.items.values())
+
+
+def _tensor_bytes(*xs) -> int:
+    return sum(x.nbytes if isinstance(x, (np.ndarray, torch.Tensor)) else 0 for x in xs)
+
+
+class Server:
+    """What the server holds: models, cases, jobs, and the worker that runs the jobs one at a time."""
+
+    def __init__(self, roots: List[Path], token: str, device: str = 'cpu', max_upload_mb: float = 1024,
+                 cache_mb: float = 4096, queue_size: int = 8, work: Optional[Path] = None):
+        self.roots = [r.resolve() for r in roots]
+        self.token, self.device = token, resolve_device(device)
+        self.max_upload = int(max_upload_mb * 1024 ** 2)
+        self.work = Path(work or tempfile.mkdtemp(prefix='nnunetcam-server-'))
+        self.cases: Dict[str, dict] = {}
+        self.models: Dict[tuple, tuple] = {}  # (folder, folds, checkpoint, tta, step) -> (predictor, networks)
+        self.data = Cache(int(cache_mb * 1024 ** 2))  # (case, folder) -> PreparedCase; (case, model key) -> logits
+        self.jobs: Dict[str, Job] = {}
+        self.queue: 'queue.Queue[Job]' = queue.Queue(maxsize=queue_size)
+        self.counters = {'model_loads': 0, 'preprocessings': 0, 'jobs_run': 0, 'tiles_run': 0}
+        threading.Thread(target=self._worker, daemon=True).start()
+
+    # models
+    def model_folder(self, model: str) -> Path:
+        """A model id (its path under a root) or path; anything outside the roots is refused."""
+        inside = [f for f in ((root / model).resolve() for root in self.roots)
+                  if any(f.is_relative_to(root) for root in self.roots)]
+        if not inside:
+            raise HTTPException(403, f'model {model!r} is outside the served model folders')
+        for folder in inside:
+            if (folder / 'plans.json').is_file():
+                return folder
+        raise HTTPException(404, f'no model {model!r} under the served model folders; GET {API}/models lists them')
+
+    def list_models(self) -> List[dict]:
+        out = []
+        for root in self.roots:
+            for plans in sorted(root.rglob('plans.json')):
+                folder = plans.parent
+                if not (folder / 'dataset.json').is_file():
+                    continue
+                labels = json.loads((folder / 'dataset.json').read_text()).get('labels', {})
+                out.append({'id': str(folder.relative_to(root)) if len(self.roots) == 1 else str(folder),
+                            'configuration': folder.name.split('__')[-1],
+                            'folds': sorted(p.parent.name[5:] for p in folder.glob('fold_*/checkpoint_final.pth')),
+                            'labels': labels})
+        return out
+
+    def _loaded(self, job: Job):
+        r = job.request
+        folds = tuple(resolve_folds(job.folder, r.folds and [str(f) for f in r.folds], r.checkpoint))
+        key = (str(job.folder), folds, r.checkpoint, r.tta, r.step_size)
+        if key not in self.models:
+            pred = load_predictor(job.folder, folds, r.checkpoint, self.device, r.step_size, r.tta)
+            self.models[key] = (pred, fold_networks(pred))
+            self.counters['model_loads'] += 1
+        else:
+            job.reused.append('model')
+        return key, self.models[key]
+
+    # cases
+    def add_case(self, files: List[UploadFile]) -> dict:
+        if not files:
+            raise HTTPException(422, 'upload one file per channel as "files"')
+        endings = {next((e for e in ENDINGS if (f.filename or '').lower().endswith(e)), None) for f in files}
+        if None in endings or len(endings) != 1:
+            raise HTTPException(422, f'files must share one image ending of {", ".join(ENDINGS)}')
+        ending = endings.pop()
+        case_id = secrets.token_hex(8)
+        folder = self.work / 'cases' / case_id
+        folder.mkdir(parents=True)
+        total = 0
+        try:
+            paths = []
+            for k, f in enumerate(files):
+                path = folder / f'case_{k:04d}{ending}'
+                with open(path, 'wb') as dst:
+                    while chunk := f.file.read(1 << 20):
+                        total += len(chunk)
+                        if total > self.max_upload:
+                            raise HTTPException(413, f'upload larger than --max-upload-mb '
+                                                     f'{self.max_upload / 1024 ** 2:g}')
+                        dst.write(chunk)
+                paths.append(str(path))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self.cases[case_id] = {'files': paths, 'ending': ending, 'bytes': total}
+        return {'id': case_id, 'channels': len(paths), 'bytes': total}
+
+    def case(self, case_id: str) -> dict:
+        if not ID.match(case_id) or case_id not in self.cases:
+            raise HTTPException(404, f'no case {case_id!r}; upload it first')
+        return self.cases[case_id]
+
+    def delete_case(self, case_id: str) -> None:
+        self.case(case_id)
+        del self.cases[case_id]
+        self.data.drop(lambda k: k[0] == case_id)
+        shutil.rmtree(self.work / 'cases' / case_id, ignore_errors=True)
+
+    def _prepared(self, job: Job, engine: CamEngine) -> PreparedCase:
+        key = (job.request.case, str(job.folder))
+        pc = self.data.get(key)
+        if pc is None:
+            data, props, _, image = engine.preprocess(self.case(job.request.case)['files'])
+            pc = PreparedCase(data, props, image)
+            self.data.put(key, pc, _tensor_bytes(data, image))
+            self.counters['preprocessings'] += 1
+        else:
+            job.reused.append('preprocessed case')
+        return pc
+
+    def _region_mask(self, job: Job, engine: CamEngine, pc: PreparedCase) -> Optional[torch.Tensor]:
+        """The region as a mask in the model's (preprocessed) space, read as a --target-mask would be."""
+        region = job.request.region
+        if region.kind in ('predicted', 'all'):
+            return None
+        rw = engine.predictor.plans_manager.image_reader_writer_class()
+        if region.kind == 'mask':
+            if not region.mask:
+                raise UsageError('a mask region names the uploaded mask case as "mask"')
+            path = self.case(region.mask)['files'][0]
+        else:
+            path = self._draw_region(job, region)
+        m = read_label(rw, path, pc.properties, pc.image.shape, 'region') > 0
+        if not m.any():
+            raise UsageError('the region holds no voxel of the image; give a box, point or mask inside it')
+        mask = torch.from_numpy(engine._to_preprocessed(m, pc.properties, pc.data.shape[1:]))
+        if not mask.any():
+            raise UsageError('the region vanishes at the model\'s spacing; make it larger')
+        return mask
+
+    def _draw_region(self, job: Job, region: Region) -> str:
+        """A box or ball drawn on the uploaded image's grid, written next to it in its format."""
+        import SimpleITK as sitk
+        case = self.case(job.request.case)
+        img = sitk.ReadImage(case['files'][0])
+        size = np.array(img.GetSize())
+
+        def index(p):
+            p = [float(v) for v in p]
+            if len(p) != img.GetDimension():
+                raise UsageError(f'a {img.GetDimension()}D image needs {img.GetDimension()} coordinates, got {len(p)}')
+            if region.space == 'voxel':
+                return np.array(p)
+            lps = [-p[0], -p[1], *p[2:]]  # RAS -> ITK's LPS
+            return np.array(img.TransformPhysicalPointToContinuousIndex(lps))
+
+        axes = np.ogrid[tuple(slice(0, n) for n in size)]  # open grids (i, j, k): no full-size index array
+        if region.kind == 'box':
+            if not region.box or len(region.box) != 2:
+                raise UsageError('a box region is [[lo...], [hi...]]')
+            a, b = index(region.box[0]), index(region.box[1])
+            lo, hi = np.floor(np.minimum(a, b) + 0.5), np.floor(np.maximum(a, b) + 0.5)
+            inside = np.ones(tuple(size), dtype=bool)
+            for x, l, h in zip(axes, lo, hi):
+                inside = inside & (x >= l) & (x <= h)
+        else:
+            if not region.point:
+                raise UsageError('a point region gives "point" and "radius_mm"')
+            c = index(region.point)
+            d2 = sum(((x - ci) * sp) ** 2 for x, ci, sp in zip(axes, c, img.GetSpacing()))
+            inside = d2 <= region.radius_mm ** 2
+        out = sitk.GetImageFromArray(inside.transpose().astype(np.uint8))
+        out.CopyInformation(img)
+        path = job.out.parent / f'{job.id}_region{case["ending"]}'
+        sitk.WriteImage(out, str(path), True)
+        return str(path)
+
+    # jobs
+    def submit(self, request: ExplainRequest) -> Job:
+        self.case(request.case)
+        if request.region.kind == 'mask' and request.region.mask:
+            self.case(request.region.mask)
+        job_id = secrets.token_hex(8)
+        job = Job(job_id, request, self.model_folder(request.model), self.work / 'jobs' / job_id / 'out')
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise HTTPException(503, 'the server is busy: too many queued jobs; retry later',
+                                headers={'Retry-After': '5'}) from None
+        self.jobs[job_id] = job
+        return job
+
+    def job(self, job_id: str) -> Job:
+        if not ID.match(job_id) or job_id not in self.jobs:
+            raise HTTPException(404, f'no job {job_id!r}')
+        return self.jobs[job_id]
+
+    def _worker(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job.cancel.is_set():
+                job.status = 'cancelled'
+                continue
+            job.status = 'running'
+            try:
+                self._run(job)
+                job.status = 'done'
+            except Cancelled:
+                job.status = 'cancelled'
+            except CamError as e:
+                job.status, job.error = 'failed', str(e)
+            except Exception as e:  # the same one line as the CLI's; the server goes on
+                job.status = 'failed'
+                job.error = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
+            finally:
+                self.counters['jobs_run'] += 1
+            if job.status != 'done':  # nothing partial left behind
+                shutil.rmtree(job.out.parent, ignore_errors=True)
+            if job.status == 'failed':
+                job.events.append({'event': 'error', 'message': job.error})
+
+    def _run(self, job: Job) -> None:
+        r = job.request
+        job.out.parent.mkdir(parents=True, exist_ok=True)
+        key, (pred, networks) = self._loaded(job)
+        engine = CamEngine(pred, r.layers, r.classes, r.method, r.pooling,
+                           'all' if r.region.kind == 'all' else 'predicted', networks=networks)
+        pc = self._prepared(job, engine)
+        mask = self._region_mask(job, engine, pc)
+        logits_key = (r.case, key)
+        logits = self.data.get(logits_key) if mask is not None else None
+        if logits is not None:
+            job.reused.append('stitched logits: only the region\'s tiles ran')
+        prepared = PreparedCase(pc.data, pc.properties, pc.image, mask, logits)
+        progress = Progress('json', stream=job)
+        results = run_cases(engine, self.case(r.case)['files'], job.out, prepared=prepared, progress=progress,
+                            run_info={'model': str(job.folder), 'folds': list(key[1]), 'checkpoint': r.checkpoint,
+                                      'server': {'reused': job.reused, 'region': r.region.model_dump()}})
+        res = results['case']
+        self.counters['tiles_run'] += res.info['tiles']
+        if logits is None:
+            self.data.put(logits_key, res.logits, _tensor_bytes(res.logits))
+        job.files = {p.name: str(p) for p in job.out.iterdir()}
+
+    def health(self) -> dict:
+        return {'versions': _versions(), 'device': str(self.device),
+                'devices': ['cpu'] + [f'cuda:{i}' for i in range(torch.cuda.device_count())],
+                'models_loaded': [{'model': k[0], 'folds': list(k[1]), 'tta': k[3], 'step_size': k[4]}
+                                  for k in self.models],
+                'cases': len(self.cases), 'cache_bytes': self.data.bytes(), 'cache_limit_bytes': self.data.limit,
+                'queued': self.queue.qsize(), 'counters': dict(self.counters)}
+
+
+def create_app(server: Server) -> FastAPI:
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorised(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(),
+                                                             server.token.encode()):
+            raise HTTPException(401, 'a valid bearer token is required', headers={'WWW-Authenticate': 'Bearer'})
+
+    def upload_size(request: Request) -> None:
+        length = request.headers.get('content-length')
+        if length is not None and length.isdigit() and int(length) > server.max_upload + (1 << 16):
+            raise HTTPException(413, f'upload larger than --max-upload-mb {server.max_upload / 1024 ** 2:g}')
+
+    app = FastAPI(title='NNUNetCAM explanation server', dependencies=[Depends(authorised)])
+
+    @app.get(f'{API}/health')
+    def health():
+        return server.health()
+
+    @app.get(f'{API}/models')
+    def models():
+        return server.list_models()
+
+    @app.post(f'{API}/cases', dependencies=[Depends(upload_size)])
+    def upload(files: List[UploadFile] = File(...)):
+        return server.add_case(files)
+
+    @app.delete(f'{API}/cases/{{case_id}}')
+    def delete_case(case_id: str):
+        server.delete_case(case_id)
+        return {'deleted': case_id}
+
+    @app.post(f'{API}/explain')
+    def explain(request: ExplainRequest):
+        return server.submit(request).public()
+
+    @app.get(f'{API}/jobs/{{job_id}}')
+    def job(job_id: str):
+        return server.job(job_id).public()
+
+    @app.get(f'{API}/jobs/{{job_id}}/events')
+    def events(job_id: str, since: int = 0):
+        return server.job(job_id).events[since:]
+
+    @app.get(f'{API}/jobs/{{job_id}}/files/{{name}}')
+    def result_file(job_id: str, name: str):
+        files = server.job(job_id).files
+        if name not in files:
+            raise HTTPException(404, f'no file {name!r} in this job\'s results')
+        return FileResponse(files[name])
+
+    @app.delete(f'{API}/jobs/{{job_id}}')
+    def cancel(job_id: str):
+        j = server.job(job_id)
+        j.cancel.set()
+        return j.public()
+
+    return app
+
+
+def _token(path: Path, explicit: bool) -> tuple:
+    """(token, new): the token in `path`, or a new random one written there readable by the user alone."""
+    if path.is_file():
+        token = path.read_text().strip()
+        if len(token) < 16:
+            raise UsageError(f'the token in {path} is shorter than 16 characters; use a longer random one')
+        return token, False
+    if explicit:
+        raise UsageError(f'no token file {path}; a server reachable from other hosts needs a token you made '
+                         f'(e.g. python -c "import secrets; print(secrets.token_urlsafe(32))" > {path})')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, 'w') as f:
+        f.write(token + '\n')
+    return token, True
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog='nnunetv2_cam serve', description=__doc__.split('\n\n')[0])
+    p.add_argument('--models', nargs='+', type=Path, required=True, help='the folders whose models may be used')
+    p.add_argument('--host', default='127.0.0.1', help='default: loopback only')
+    p.add_argument('--port', type=int, default=8765, help='0 picks a free port (printed)')
+    p.add_argument('--token-file', type=Path, default=None,
+                   help='bearer token file (default: a new random token in a 0600 file under the cache)')
+    p.add_argument('-device', default='auto')
+    p.add_argument('--max-upload-mb', type=float, default=1024)
+    p.add_argument('--cache-mb', type=float, default=4096, help='preprocessed cases and logits kept (LRU)')
+    p.add_argument('--queue', type=int, default=8, help='jobs waiting at most; more get 503')
+    p.add_argument('--ssl-certfile')
+    p.add_argument('--ssl-keyfile')
+    args = p.parse_args(argv)
+    import uvicorn
+    try:
+        for m in args.models:
+            if not m.is_dir():
+                raise UsageError(f'--models {m} is not a folder')
+        loopback = args.host in ('127.0.0.1', 'localhost', '::1')
+        if not loopback and args.token_file is None:
+            raise UsageError(f'--host {args.host} serves other computers: give --token-file with a token you made')
+        token_file = args.token_file or Path(os.environ.get('NNUNETCAM_CACHE', Path.home() / '.cache' / 'nnunetcam'),
+                                             'server-token')
+        token, new = _token(token_file, explicit=not loopback)
+        server = Server(args.models, token, args.device, args.max_upload_mb, args.cache_mb, args.queue)
+    except CamError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return e.exit_code
+    if not loopback and not args.ssl_certfile:
+        print('warning: serving other hosts without TLS: the token and images cross the network in clear; '
+              'pass --ssl-certfile and --ssl-keyfile', file=sys.stderr)
+    sock = socket.socket(socket.AF_INET6 if ':' in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
+    scheme = 'https' if args.ssl_certfile else 'http'
+    print(json.dumps({'event': 'listening', 'url': f'{scheme}://{args.host}:{sock.getsockname()[1]}',
+                      'token_file': str(token_file), **({'token': token} if new else {})}), flush=True)
+    config = uvicorn.Config(create_app(server), log_level='warning', ssl_certfile=args.ssl_certfile,
+                            ssl_keyfile=args.ssl_keyfile)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        shutil.rmtree(server.work, ignore_errors=True)
+    return 0
