@@ -52,7 +52,8 @@ def run(client, model, case, **request) -> dict:
 
 
 def sidecar(client, job) -> dict:
-    return json.loads(client._call('GET', f'/jobs/{job["id"]}/files/case_cam.json').content)
+    name = next(f for f in job['files'] if f.endswith('_cam.json'))
+    return json.loads(client._call('GET', f'/jobs/{job["id"]}/files/{name}').content)
 
 
 def test_token_is_random_private_and_required(server):
@@ -110,8 +111,9 @@ def test_second_request_on_a_cached_case_loads_and_preprocesses_nothing(server, 
     files = client.download(second['id'], tmp_path / 'served', second['files'])
     assert run_cli(['-i', small_case, '-o', tmp_path / 'cli', '-m', model3d, '-f', '0', '--disable_tta',
                     '--target-class', 'organ', '--method', 'hirescam', '-device', 'cpu']) == 0
-    for name in ('case.nii.gz', 'case_cam_organ_hirescam.nii.gz'):
-        theirs = sitk.ReadImage(str(tmp_path / 'cli' / name.replace('case', 'small')))
+    assert sorted(second['files']) == sorted(p.name for p in (tmp_path / 'cli').iterdir())  # named as the CLI's
+    for name in ('small.nii.gz', 'small_cam_organ_hirescam.nii.gz'):
+        theirs = sitk.ReadImage(str(tmp_path / 'cli' / name))
         ours = sitk.ReadImage(str(files[name]))
         assert ours.GetSize() == theirs.GetSize() and ours.GetDirection() == theirs.GetDirection()
         assert np.allclose(ours.GetOrigin(), theirs.GetOrigin()) and np.allclose(ours.GetSpacing(),
@@ -143,7 +145,7 @@ def test_a_region_runs_its_tiles_alone_and_equals_a_full_run_with_that_mask(serv
     ras = [[-c[0], -c[1], c[2]] for c in (img.TransformIndexToPhysicalPoint(lo), img.TransformIndexToPhysicalPoint(hi))]
     by_mm = run(client, model, case, region={'kind': 'box', 'box': ras, 'space': 'ras'}, **common)
     files = client.download(box['id'], tmp_path / 'box', box['files'])
-    mm = client.download(by_mm['id'], tmp_path / 'mm', ['case_cam_lesion_gradcam.nii.gz'])
+    mm = client.download(by_mm['id'], tmp_path / 'mm', ['large_cam_lesion_gradcam.nii.gz'])
     mask = np.zeros(sitk.GetArrayViewFromImage(img).shape, np.uint8)
     mask[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] = 1
     m = sitk.GetImageFromArray(mask)
@@ -152,12 +154,16 @@ def test_a_region_runs_its_tiles_alone_and_equals_a_full_run_with_that_mask(serv
     assert run_cli(['-i', large_case, '-o', tmp_path / 'cli', '-m', model3d, '-f', '0', '--disable_tta',
                     '--target-class', 'lesion', '--target-mask', tmp_path / 'box.nii.gz', '-device', 'cpu']) == 0
     theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'cli' / 'large_cam_lesion_gradcam.nii.gz')))
-    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(files['case_cam_lesion_gradcam.nii.gz'])))
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(files['large_cam_lesion_gradcam.nii.gz'])))
     assert theirs.max() > 0 and np.allclose(ours, theirs, atol=1e-4)
-    assert np.allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(mm['case_cam_lesion_gradcam.nii.gz']))), ours,
+    assert np.allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(mm['large_cam_lesion_gradcam.nii.gz']))), ours,
                        atol=1e-6)
-    seg_full = client.download(full['id'], tmp_path / 'full', ['case.nii.gz'])['case.nii.gz']
-    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(files['case.nii.gz']))),
+    # one click: a ball of 5 mm around a point
+    point = run(client, model, case, region={'kind': 'point', 'point': [70, 70, 19], 'radius_mm': 5}, **common)
+    s = sidecar(client, point)
+    assert s['tiles'] < n_full and s['server']['region']['kind'] == 'point'
+    seg_full = client.download(full['id'], tmp_path / 'full', ['large.nii.gz'])['large.nii.gz']
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(files['large.nii.gz']))),
                           sitk.GetArrayFromImage(sitk.ReadImage(str(seg_full))))
 
 

@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from .api import CamEngine, PreparedCase, _versions, run_cases
+from .api import CamEngine, PreparedCase, _safe, _versions, run_cases
 from .errors import CamError, UsageError
 from .inputs import read_label
 from .model import fold_networks, load_predictor, resolve_device, resolve_folds
@@ -192,6 +192,7 @@ class Server:
         if None in endings or len(endings) != 1:
             raise HTTPException(422, f'files must share one image ending of {", ".join(ENDINGS)}')
         ending = endings.pop()
+        name = _safe(re.sub(r'_\d{4}$', '', files[0].filename[:-len(ending)])) or 'case'  # outputs as the CLI's
         case_id = secrets.token_hex(8)
         folder = self.work / 'cases' / case_id
         folder.mkdir(parents=True)
@@ -199,7 +200,7 @@ class Server:
         try:
             paths = []
             for k, f in enumerate(files):
-                path = folder / f'case_{k:04d}{ending}'
+                path = folder / f'{name}_{k:04d}{ending}'
                 with open(path, 'wb') as dst:
                     while chunk := f.file.read(1 << 20):
                         total += len(chunk)
@@ -211,8 +212,8 @@ class Server:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        self.cases[case_id] = {'files': paths, 'ending': ending, 'bytes': total}
-        return {'id': case_id, 'channels': len(paths), 'bytes': total}
+        self.cases[case_id] = {'name': name, 'files': paths, 'ending': ending, 'bytes': total}
+        return {'id': case_id, 'name': name, 'channels': len(paths), 'bytes': total}
 
     def case(self, case_id: str) -> dict:
         if not ID.match(case_id) or case_id not in self.cases:
@@ -355,7 +356,7 @@ class Server:
         results = run_cases(engine, self.case(r.case)['files'], job.out, prepared=prepared, progress=progress,
                             run_info={'model': str(job.folder), 'folds': list(key[1]), 'checkpoint': r.checkpoint,
                                       'server': {'reused': job.reused, 'region': r.region.model_dump()}})
-        res = results['case']
+        res = results[self.case(r.case)['name']]
         self.counters['tiles_run'] += res.info['tiles']
         if logits is None:
             self.data.put(logits_key, res.logits, _tensor_bytes(res.logits))
