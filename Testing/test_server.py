@@ -211,3 +211,35 @@ def test_concurrent_requests_complete_or_get_503_and_none_is_mixed_up(server, cl
         assert list(sidecar(client, job)['classes']) == [['lesion', 'organ'][i % 2]]
     h = client.health()
     assert h['cache_bytes'] <= h['cache_limit_bytes'] and h['queued'] == 0
+
+
+def test_cli_runs_on_the_server_and_writes_what_a_local_run_writes(server, small_case, model3d, tmp_path, capsys):
+    url, _, token_file, results_dir = server
+    common = ['-i', small_case, '-f', '0', '--disable_tta', '--target-class', 'lesion', 'organ', '--progress', 'json']
+    assert run_cli(['-o', tmp_path / 'local', '-m', model3d, '-device', 'cpu', *common]) == 0
+    assert run_cli(['-o', tmp_path / 'served', '-m', model_id(model3d, results_dir), '--server', url,
+                    '--token-file', token_file, *common]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    result = [e for e in events if e['event'] == 'result'][-1]  # the local files, not the server's
+    assert result['files'] == sorted(str(tmp_path / 'served' / n) for n in os.listdir(tmp_path / 'served'))
+    assert {'upload', 'tiles', 'done'} <= {e.get('stage') for e in events}
+    local, served = sorted(tmp_path.joinpath('local').iterdir()), sorted(tmp_path.joinpath('served').iterdir())
+    assert [p.name for p in local] == [p.name for p in served]
+    for a, b in zip(local, served):
+        if a.suffix == '.gz':
+            assert np.allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(a))),
+                               sitk.GetArrayFromImage(sitk.ReadImage(str(b))), atol=1e-5), a.name
+    assert json.loads((tmp_path / 'served' / 'small_cam.json').read_text())['server']['region'] == {'kind': 'predicted', 'mask': None, 'box': None,
+                                                                      'point': None, 'radius_mm': 10.0,
+                                                                      'space': 'voxel'}
+
+
+def test_cli_on_a_server_refuses_what_runs_locally_only(server, small_case, capsys, tmp_path):
+    url, _, token_file, _ = server
+    base = ['-i', small_case, '-o', tmp_path, '-m', 'x', '--server', url]
+    assert run_cli([*base, '--token-file', tmp_path / 'none']) == 2
+    assert run_cli([*base, '--token-file', token_file, '--evaluate', '--save-raw']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert 'needs --token-file' in err[0] and '--evaluate, --save-raw run locally only' in err[1]
+    assert run_cli([*base, '--token-file', token_file]) == 2
+    assert 'the server has no model' in capsys.readouterr().err

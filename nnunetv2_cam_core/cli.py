@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--save-fold-spread', action='store_true',
                    help='also write, per class, the voxel-wise standard deviation of the folds\' normalised maps '
                         '(two or more folds)')
+    s = p.add_argument_group('explanation server (nnunetv2_cam serve)')
+    s.add_argument('--server', help='run on this server (URL); -m is then one of its model ids')
+    s.add_argument('--token-file', help='file holding the server\'s token (with --server)')
     o = p.add_argument_group('information')
     o.add_argument('--list-methods', action='store_true', help='list CAM methods and exit')
     o.add_argument('--list-layers', action='store_true', help='list the model\'s layers (with -m) and exit')
@@ -158,10 +162,37 @@ def _list_layers(args, as_json: bool, out) -> None:
         print(f'{r["name"]:45s} {r["type"]:22s} {str(r["shape"]):24s} {str(r["stride"]):14s} {r["mark"]}', file=out)
 
 
+LOCAL_ONLY = {k: f'--{k.replace("_", "-")}' for k in (
+    'evaluate', 'save_fold_spread', 'reference_mask', 'save_raw', 'save_numpy', 'save_slices', 'channel_attribution',
+    'low_memory', 'pool_size')} | {'prev_stage_predictions': '-prev_stage_predictions'}
+
+
+def run_on_server(args, progress: Progress) -> int:
+    from .client import ServerClient, run_on_server as run_cases_on_server
+    if not args.token_file or not os.path.isfile(args.token_file):
+        raise UsageError('--server needs --token-file FILE holding the server\'s token (printed by nnunetv2_cam serve)')
+    if not args.model:
+        raise UsageError('-m MODEL_ID is required with --server (GET /v1/models on the server lists them)')
+    unsupported = [flag for k, flag in LOCAL_ONLY.items() if getattr(args, k)]
+    if unsupported:
+        raise UsageError(f'{", ".join(unsupported)} run locally only; drop {"them" if len(unsupported) > 1 else "it"} '
+                         f'or run without --server')
+    client = ServerClient(args.server, Path(args.token_file).read_text().strip())
+    request = {'folds': args.folds, 'checkpoint': args.checkpoint, 'tta': not args.disable_tta,
+               'step_size': args.step_size, 'classes': args.target_class, 'layers': args.target_layer,
+               'method': args.method, 'pooling': args.pooling, 'region': {'kind': args.target_region}}
+    run_cases_on_server(client, args.model, args.input, Path(args.output), request, progress, args.overwrite,
+                        args.target_mask)
+    progress.stage('done')
+    return 0
+
+
 def run(args, progress: Progress) -> int:
     from .api import CamEngine, run_cases
     if not args.input or not args.output:
         raise UsageError('-i INPUT and -o OUTPUT are required (or use --list-methods / --list-layers)')
+    if args.server:
+        return run_on_server(args, progress)
     evaluation = None
     if args.evaluate:
         from .evaluation import EvaluationSettings

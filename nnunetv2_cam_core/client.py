@@ -5,7 +5,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import requests
 
-from .errors import CamError
+from .errors import CamError, UsageError
 
 
 class ServerClient:
@@ -68,3 +68,62 @@ class ServerClient:
             out[name] = folder / name
             out[name].write_bytes(self._call('GET', f'/jobs/{job_id}/files/{name}').content)
         return out
+
+
+def run_on_server(client: ServerClient, model: str, inputs: Sequence[str], output: Path, request: dict,
+                  progress, overwrite: bool = False, target_mask: Optional[str] = None) -> List[str]:
+    """A CLI run through the server: each case uploaded, explained, its files written to `output` as a local
+    run writes them (all or none), and deleted from the server. Returns the cases written."""
+    from .api import check_writable
+    from .export import CaseOutputs
+    from .inputs import find_cases
+    entry = next((m for m in client.models() if m['id'] == model), None)
+    if entry is None:
+        raise UsageError(f'the server has no model {model!r}; give -m as one of its ids: '
+                         f'{", ".join(m["id"] for m in client.models())}')
+    cases = find_cases(inputs, [entry['file_ending']], entry['channel_names'])
+    if target_mask is not None and len(cases) > 1:
+        raise UsageError('--target-mask applies to one case; pass a single case with it')
+    check_writable(output)
+    done = []
+    for name, files in cases.items():
+        progress.case = name
+        if (output / f'{name}_cam.json').is_file() and not overwrite:
+            progress.emit('skip', message=f'{name}: outputs exist in {output}, skipped (use --overwrite to redo)')
+            continue
+        progress.stage('upload', name)
+        case = client.upload(files)
+        uploaded = [case]
+        try:
+            region = request.get('region')
+            if target_mask is not None:
+                uploaded.append(client.upload([target_mask]))
+                region = {'kind': 'mask', 'mask': uploaded[-1]}
+            job = client.wait(client.explain(model, case, **{**request, **({'region': region} if region else {})}),
+                              lambda e: _relay(progress, e))
+            if job['status'] != 'done':
+                raise CamError(job['error'] or f'the server {job["status"]} the job')
+            with CaseOutputs(output) as co:
+                for f in job['files']:
+                    Path(co.path(f)).write_bytes(client._call('GET', f'/jobs/{job["id"]}/files/{f}').content)
+                written = co.commit()
+            progress.emit('result', files=sorted(written.values()),
+                          message=f'{name}: wrote {len(written)} outputs to {output}')
+        finally:
+            for c in uploaded:
+                client.delete_case(c)
+        done.append(name)
+    return done
+
+
+def _relay(progress, event: dict) -> None:
+    """A server job's event, given on as a local run gives it."""
+    event = dict(event)
+    kind = event.pop('event')
+    event.pop('case', None)
+    if kind == 'stage':
+        progress.stage(event.pop('stage'), **event)
+    elif kind in ('tiles', 'steps'):
+        getattr(progress, kind)(event['tile' if kind == 'tiles' else 'step'], event[kind])
+    elif kind != 'result':  # the server's paths; the files are written here and announced then
+        progress.emit(kind, **event)

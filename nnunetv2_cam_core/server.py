@@ -165,11 +165,12 @@ class Server:
                 folder = plans.parent
                 if not (folder / 'dataset.json').is_file():
                     continue
-                labels = json.loads((folder / 'dataset.json').read_text()).get('labels', {})
+                ds = json.loads((folder / 'dataset.json').read_text())
                 out.append({'id': str(folder.relative_to(root)) if len(self.roots) == 1 else str(folder),
                             'configuration': folder.name.split('__')[-1],
                             'folds': sorted(p.parent.name[5:] for p in folder.glob('fold_*/checkpoint_final.pth')),
-                            'labels': labels})
+                            'labels': ds.get('labels', {}), 'file_ending': ds.get('file_ending'),
+                            'channel_names': ds.get('channel_names', ds.get('modality', {}))})
         return out
 
     def _loaded(self, job: Job):
