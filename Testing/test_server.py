@@ -243,3 +243,36 @@ def test_cli_on_a_server_refuses_what_runs_locally_only(server, small_case, caps
     assert 'needs --token-file' in err[0] and '--evaluate, --save-raw run locally only' in err[1]
     assert run_cli([*base, '--token-file', token_file]) == 2
     assert 'the server has no model' in capsys.readouterr().err
+
+
+def start(results_dir, tmp_path, *extra):
+    proc = subprocess.Popen([sys.executable, '-m', 'nnunetv2_cam_core', 'serve', '--models', str(results_dir),
+                             '--port', '0', '--token-file', str(tmp_path / 'token'), '-device', 'cpu', *extra],
+                            stdout=subprocess.PIPE, text=True)
+    first = json.loads(proc.stdout.readline())
+    return proc, ServerClient(first['url'], (tmp_path / 'token').read_text().strip())
+
+
+def test_a_job_whose_client_went_away_is_abandoned(results_dir, large_case, model3d, tmp_path):
+    proc, client = start(results_dir, tmp_path, '--abandon-s', '2')
+    try:
+        job_id = client.explain(model_id(model3d, results_dir), client.upload([str(large_case)]),
+                                classes=['lesion'], folds=[0], tta=False)  # 75 tiles: longer than 2 s
+        time.sleep(8)  # the client stops asking
+        job = client.wait(job_id)
+        assert job['status'] == 'cancelled' and 'abandoned' in job['error']
+        assert client.health()['queued'] == 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_the_server_leaves_with_the_process_that_started_it(results_dir, tmp_path):
+    """As when Slicer dies: the parent is killed, the server exits by itself and removes its work folder."""
+    parent = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
+    proc, client = start(results_dir, tmp_path, '--parent-pid', str(parent.pid))
+    work = Path(client.health()['work'])
+    assert proc.poll() is None and work.is_dir()
+    parent.kill()
+    parent.wait()
+    assert proc.wait(10) == 0 and not work.exists()

@@ -16,6 +16,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,11 +81,17 @@ class Job:
     files: Dict[str, str] = field(default_factory=dict)
     reused: List[str] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
+    abandon_s: float = 60
+    seen: float = field(default_factory=time.monotonic)  # the client's last look at the job, or its start
 
     def write(self, line: str) -> None:
-        """Progress's stream: each event kept for the client; a cancelled job stops at its next event."""
+        """Progress's stream: each event kept for the client; a job cancelled, or whose client stopped asking
+        about it for `abandon_s`, stops at its next event."""
         if line.strip():
             self.events.append(json.loads(line))
+        if time.monotonic() - self.seen > self.abandon_s:
+            self.error = f'no client asked about the job for {self.abandon_s:g} s: abandoned'
+            self.cancel.set()
         if self.cancel.is_set():
             raise Cancelled()
 
@@ -133,10 +140,10 @@ class Server:
     """What the server holds: models, cases, jobs, and the worker that runs the jobs one at a time."""
 
     def __init__(self, roots: List[Path], token: str, device: str = 'cpu', max_upload_mb: float = 1024,
-                 cache_mb: float = 4096, queue_size: int = 8, work: Optional[Path] = None):
+                 cache_mb: float = 4096, queue_size: int = 8, abandon_s: float = 60, work: Optional[Path] = None):
         self.roots = [r.resolve() for r in roots]
         self.token, self.device = token, resolve_device(device)
-        self.max_upload = int(max_upload_mb * 1024 ** 2)
+        self.max_upload, self.abandon_s = int(max_upload_mb * 1024 ** 2), abandon_s
         self.work = Path(work or tempfile.mkdtemp(prefix='nnunetcam-server-'))
         self.cases: Dict[str, dict] = {}
         self.models: Dict[tuple, tuple] = {}  # (folder, folds, checkpoint, tta, step) -> (predictor, networks)
@@ -302,7 +309,8 @@ class Server:
         if request.region.kind == 'mask' and request.region.mask:
             self.case(request.region.mask)
         job_id = secrets.token_hex(8)
-        job = Job(job_id, request, self.model_folder(request.model), self.work / 'jobs' / job_id / 'out')
+        job = Job(job_id, request, self.model_folder(request.model), self.work / 'jobs' / job_id / 'out',
+                  abandon_s=self.abandon_s)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -314,6 +322,7 @@ class Server:
     def job(self, job_id: str) -> Job:
         if not ID.match(job_id) or job_id not in self.jobs:
             raise HTTPException(404, f'no job {job_id!r}')
+        self.jobs[job_id].seen = time.monotonic()
         return self.jobs[job_id]
 
     def _worker(self) -> None:
@@ -322,7 +331,7 @@ class Server:
             if job.cancel.is_set():
                 job.status = 'cancelled'
                 continue
-            job.status = 'running'
+            job.status, job.seen = 'running', time.monotonic()
             try:
                 self._run(job)
                 job.status = 'done'
@@ -369,7 +378,7 @@ class Server:
                 'models_loaded': [{'model': k[0], 'folds': list(k[1]), 'tta': k[3], 'step_size': k[4]}
                                   for k in self.models],
                 'cases': len(self.cases), 'cache_bytes': self.data.bytes(), 'cache_limit_bytes': self.data.limit,
-                'queued': self.queue.qsize(), 'counters': dict(self.counters)}
+                'queued': self.queue.qsize(), 'counters': dict(self.counters), 'work': str(self.work)}
 
 
 def create_app(server: Server) -> FastAPI:
@@ -450,6 +459,22 @@ def _token(path: Path, explicit: bool) -> tuple:
     return token, True
 
 
+def _exit_with(pid: int, work: Path) -> None:
+    """No orphans: when the process that started the server has gone, leave at once."""
+    while True:
+        try:
+            os.kill(pid, 0)
+            gone = False
+        except ProcessLookupError:
+            gone = True
+        except PermissionError:  # alive, another user's
+            gone = False
+        if gone:
+            shutil.rmtree(work, ignore_errors=True)
+            os._exit(0)
+        time.sleep(0.5)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog='nnunetv2_cam serve', description=__doc__.split('\n\n')[0])
     p.add_argument('--models', nargs='+', type=Path, required=True, help='the folders whose models may be used')
@@ -461,6 +486,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--max-upload-mb', type=float, default=1024)
     p.add_argument('--cache-mb', type=float, default=4096, help='preprocessed cases and logits kept (LRU)')
     p.add_argument('--queue', type=int, default=8, help='jobs waiting at most; more get 503')
+    p.add_argument('--abandon-s', type=float, default=60,
+                   help='cancel a running job whose client has not asked about it for this long (default: 60)')
+    p.add_argument('--parent-pid', type=int, help='exit when this process ends (the Slicer that started it)')
     p.add_argument('--ssl-certfile')
     p.add_argument('--ssl-keyfile')
     args = p.parse_args(argv)
@@ -475,7 +503,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         token_file = args.token_file or Path(os.environ.get('NNUNETCAM_CACHE', Path.home() / '.cache' / 'nnunetcam'),
                                              'server-token')
         token, new = _token(token_file, explicit=not loopback)
-        server = Server(args.models, token, args.device, args.max_upload_mb, args.cache_mb, args.queue)
+        server = Server(args.models, token, args.device, args.max_upload_mb, args.cache_mb, args.queue,
+                        args.abandon_s)
     except CamError as e:
         print(f'error: {e}', file=sys.stderr)
         return e.exit_code
@@ -489,6 +518,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     scheme = 'https' if args.ssl_certfile else 'http'
     print(json.dumps({'event': 'listening', 'url': f'{scheme}://{args.host}:{sock.getsockname()[1]}',
                       'token_file': str(token_file), **({'token': token} if new else {})}), flush=True)
+    if args.parent_pid:
+        threading.Thread(target=_exit_with, args=(args.parent_pid, server.work), daemon=True).start()
     config = uvicorn.Config(create_app(server), log_level='warning', ssl_certfile=args.ssl_certfile,
                             ssl_keyfile=args.ssl_keyfile)
     try:
