@@ -158,6 +158,12 @@ def test_a_region_runs_its_tiles_alone_and_equals_a_full_run_with_that_mask(serv
     assert theirs.max() > 0 and np.allclose(ours, theirs, atol=1e-4)
     assert np.allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(mm['large_cam_lesion_gradcam.nii.gz']))), ours,
                        atol=1e-6)
+    # another class on the cached case: each class's target from the cached stitched segmentation, so tiles without
+    # any of it do not run (equality with a full run under the same masks: test_stitching)
+    organ = run(client, model, case, classes=['organ', 'lesion'], folds=[0], tta=False)
+    s = sidecar(client, organ)
+    assert s['server']['target_mask'] == 'stitched segmentation' and s['tiles'] <= n_full
+    assert all(s['classes'][c]['max'] == 1 for c in ('organ', 'lesion'))
     # one click: a ball of 5 mm around a point
     point = run(client, model, case, region={'kind': 'point', 'point': [70, 70, 19], 'radius_mm': 5}, **common)
     s = sidecar(client, point)

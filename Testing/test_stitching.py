@@ -271,6 +271,25 @@ def test_region_tiles_alone_give_the_full_run_inside_the_region(setup, method):
     assert full.cams[0, 0][region].max() > 0 and torch.equal(part.cams[:, :, region], full.cams[:, :, region])
 
 
+def test_per_target_masks_run_only_their_tiles_and_equal_the_full_run(setup):
+    """One mask per target (the server's classes over the cached stitched segmentation): only the tiles that hold
+    a target voxel run, and the maps equal a full run with the same masks everywhere."""
+    pred, engine, nets, data = setup
+    data = crop(data, (36, 96, 140))
+    centre = np.unravel_index(int(torch.argmax(data[0])), data.shape[1:])
+    masks = torch.zeros((2, *data.shape[1:]), dtype=torch.bool)
+    masks[0][tuple(slice(max(c - 4, 0), c + 4) for c in centre)] = True
+    masks[1][:8, :8, :8] = True
+    spec = CamSpec(get_method('gradcam'), engine.layers, engine.targets, mask=masks)
+    everywhere = sliding_window_cam(pred, nets[:1], data, spec)
+    spec.only_region = masks.any(0)
+    part = sliding_window_cam(pred, nets[:1], data, spec)
+    assert part.n_tiles < everywhere.n_tiles
+    assert torch.equal(part.cams, everywhere.cams)
+    assert everywhere.cams[0].max() > 0 and everywhere.cams[1].max() > 0
+    assert not torch.equal(everywhere.cams[0], everywhere.cams[1])  # each target over its own mask
+
+
 def test_region_prediction_batches_variants_and_mirrors_as_if_each_ran_alone(setup):
     """Variants of a case x nnU-Net's mirrors go through the network in batches; each variant's logits are those of
     its own run (to float rounding: a batched convolution may sum in another order)."""

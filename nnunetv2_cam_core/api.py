@@ -118,12 +118,12 @@ class CamEngine:
             on_tile: Optional[Callable[[int, int], None]] = None, keep_preprocessed: bool = False,
             stitched_logits: Optional[torch.Tensor] = None) -> CaseResult:
         """Preprocessed data and its properties -> segmentation and CAMs in the original geometry, in memory.
-        With `stitched_logits` (an earlier full run's of this case) and a mask, only the tiles that overlap the mask
-        run: a tile without target voxels adds nothing to a map, so the maps equal a full run's with that mask, and
-        the segmentation is the earlier run's."""
+        With `stitched_logits` (an earlier full run's of this case) and a mask (or one per target), only the tiles
+        that overlap the mask run: a tile without target voxels adds nothing to a map, so the maps equal a full
+        run's with that mask, and the segmentation is the earlier run's."""
         p = self.predictor
         t0 = time.perf_counter()
-        only = mask if stitched_logits is not None and mask is not None else None
+        only = None if stitched_logits is None or mask is None else mask if mask.ndim == data.ndim - 1 else mask.any(0)
         spec = CamSpec(self.method, self.layers, self.targets, self.pooling, self.region, mask, self.low_memory,
                        channel_attribution=self.channel_attribution, only_region=only)
         out = sliding_window_cam(p, self.networks, data, spec, on_tile)

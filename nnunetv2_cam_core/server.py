@@ -34,6 +34,7 @@ from .errors import CamError, UsageError
 from .inputs import read_label
 from .model import fold_networks, load_predictor, resolve_device, resolve_folds
 from .progress import Progress
+from .targets import predicted_mask
 
 API = '/v1'
 ID = re.compile(r'^[0-9a-f]{16}$')
@@ -358,14 +359,22 @@ class Server:
         pc = self._prepared(job, engine)
         mask = self._region_mask(job, engine, pc)
         logits_key = (r.case, key)
-        logits = self.data.get(logits_key) if mask is not None else None
+        logits = self.data.get(logits_key) if r.region.kind != 'all' else None
+        target_mask = 'region' if mask is not None else 'tile ensemble'
+        if logits is not None and mask is None:
+            # each class over its voxels in the cached stitched segmentation: tiles without any run no more
+            mask = predicted_mask(logits, engine.targets, pred.label_manager.has_regions)
+            target_mask = 'stitched segmentation'
+            if not mask.any():
+                mask, logits, target_mask = None, None, 'tile ensemble'
         if logits is not None:
-            job.reused.append('stitched logits: only the region\'s tiles ran')
+            job.reused.append('stitched logits: only the tiles with target voxels ran')
         prepared = PreparedCase(pc.data, pc.properties, pc.image, mask, logits)
         progress = Progress('json', stream=job)
         results = run_cases(engine, self.case(r.case)['files'], job.out, prepared=prepared, progress=progress,
                             run_info={'model': str(job.folder), 'folds': list(key[1]), 'checkpoint': r.checkpoint,
-                                      'server': {'reused': job.reused, 'region': r.region.model_dump()}})
+                                      'server': {'reused': job.reused, 'region': r.region.model_dump(),
+                                                 'target_mask': target_mask}})
         res = results[self.case(r.case)['name']]
         self.counters['tiles_run'] += res.info['tiles']
         if logits is None:

@@ -34,7 +34,7 @@ class CamSpec:
     targets: List[Target]
     pooling: Optional[str] = None     # 'tile' or 'volume' for pooled methods; None: the method's default
     region: str = 'predicted'         # 'predicted' or 'all'
-    mask: Optional[torch.Tensor] = None  # bool, preprocessed space; replaces region
+    mask: Optional[torch.Tensor] = None  # bool, preprocessed space, one for all targets or (targets, ...); replaces region
     low_memory: bool = False          # one forward graph alive at a time (one extra forward per tile)
     # bool, preprocessed space: run only the tiles that overlap it. Inside it, logits and tile-pooled or
     # element-wise maps equal a full run's; outside it they are partial
@@ -100,8 +100,12 @@ def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: tor
 
 
 def _pad_mask(predictor, m: torch.Tensor) -> torch.Tensor:
+    """A mask (*spatial) or per-target masks (targets, *spatial), padded as the case."""
     patch = [int(p) for p in predictor.configuration_manager.patch_size]
-    return pad_nd_image(m[None].to(torch.uint8), patch, 'constant', {'value': 0}, True, None)[0][0] > 0
+    per_target = m.ndim > len(patch)
+    padded = pad_nd_image((m if per_target else m[None]).to(torch.uint8), patch, 'constant', {'value': 0}, True,
+                          None)[0] > 0
+    return padded if per_target else padded[0]
 
 
 def _padded_plan(predictor, data: torch.Tensor, only_region: Optional[torch.Tensor], device: torch.device):
@@ -277,7 +281,7 @@ class _SlidingWindowRun:
         with torch.enable_grad() if keep_graphs else torch.no_grad():
             outs, acts = self._forwards(x, captures)
         tile_logits = torch.stack([o.float() for o in outs]).sum(0)[0] / n  # float16 under autocast: sum in float32
-        region_mask = None if self.mask is None else self.mask[sl[1:]].to(tile_logits.device)
+        region_mask = None if self.mask is None else self.mask[(Ellipsis, *sl[1:])].to(tile_logits.device)
         masks = target_masks(tile_logits.detach(), spec.targets, self.predictor.label_manager.has_regions,
                              spec.region, region_mask)
         grads = [None] * len(spec.targets)

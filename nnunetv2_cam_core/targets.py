@@ -57,8 +57,8 @@ def predicted_mask(logits: torch.Tensor, targets: Sequence[Target], has_regions:
 def target_masks(logits: torch.Tensor, targets: Sequence[Target], has_regions: bool, region: str,
                  mask: Optional[torch.Tensor]) -> torch.Tensor:
     """The voxels of each target's channel that the score sums over, for one tile."""
-    if mask is not None:
-        return mask.expand(len(targets), *mask.shape)
+    if mask is not None:  # one for every target, or one each
+        return mask if mask.ndim == logits.ndim else mask.expand(len(targets), *mask.shape)
     if region == 'all':
         return torch.ones((len(targets), *logits.shape[1:]), dtype=torch.bool, device=logits.device)
     return predicted_mask(logits, targets, has_regions)
