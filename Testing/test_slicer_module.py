@@ -775,3 +775,89 @@ def test_evaluation_loads_a_table_the_curves_in_a_plot_and_the_fold_spread(scene
     fractions = [f for f, _ in progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert list(tmp_path.iterdir()) == []
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f'/proc/{pid}').exists() and 'Z' not in Path(f'/proc/{pid}/stat').read_text().split()[2]
+
+
+def test_runs_on_a_local_server_started_once_reused_and_shut_down(scene, input_volume, model3d, tmp_path):
+    """Compute on this computer: the first run starts `nnunetv2_cam serve` and leaves it running; the maps equal a
+    per-run core process's; another class does no preprocessing and loads no model; "Explain here" with a point
+    and with an ROI runs the region's tiles alone and adds nodes on the input's grid; cleanup stops the server."""
+    temp_root = tmp_path / 'tmp'
+    temp_root.mkdir()
+    logic = NNUNetCAMLogic(scene, temp_root=str(temp_root))
+    common = dict(layers=['last_decoder'], folds=[0], device='cpu', tta=False)
+    alone = logic.run(input_volume, model3d, targetClass='lesion', **common)
+    assert logic.serverStatus() == 'not started'
+    try:
+        progress = []
+        served = logic.run(input_volume, model3d, targetClass='lesion', server='local',
+                           onProgress=lambda f, text: progress.append(text), **common)
+        pid = logic.localServer.process.pid
+        assert _process_alive(pid) and 'no model loaded' not in logic.serverStatus()
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(served.cams['lesion']),
+                                   slicer.util.arrayFromVolume(alone.cams['lesion']), atol=1e-5)
+        assert np.abs(volumes.ijk_to_ras(served.cams['lesion']) - volumes.ijk_to_ras(input_volume)).max() < 1e-4
+        assert served.cams['lesion'].GetTransformNodeID() == input_volume.GetTransformNodeID()
+        assert any(t.startswith('Sending the case') for t in progress) and any('tile' in t for t in progress)
+        counters = logic.localServer.connection.client.health()['counters']
+        organ = logic.run(input_volume, model3d, targetClass='organ', server='local', **common)
+        assert logic.localServer.process.pid == pid  # reused
+        assert logic.localServer.connection.client.health()['counters'] == {
+            **counters, 'jobs_run': counters['jobs_run'] + 1,
+            'tiles_run': counters['tiles_run'] + organ.sidecar['tiles']}  # no model load, no preprocessing
+        assert 'preprocessed case' in organ.sidecar['server']['reused']
+        # Explain here: one click, and an ROI
+        arr = slicer.util.arrayFromVolume(input_volume)
+        peak = np.unravel_index(np.argmax(arr), arr.shape)
+        ras = (volumes.ijk_to_ras(input_volume) @ np.array([*peak[::-1], 1]))[:3]
+        point = scene.AddNewNodeByClass('vtkMRMLMarkupsFiducialNode', 'here')
+        point.AddControlPoint(*ras)
+        here = logic.run(input_volume, model3d, targetClass='lesion', server='local', targetPoint=point,
+                         pointRadiusMm=4, **common)
+        assert here.sidecar['server']['target_mask'] == 'region' and here.sidecar['tiles'] < alone.sidecar['tiles']
+        assert here.cams['lesion'].GetImageData().GetDimensions() == input_volume.GetImageData().GetDimensions()
+        roi = scene.AddNewNodeByClass('vtkMRMLMarkupsROINode')
+        roi.SetCenterWorld(*ras)
+        roi.SetSize(6, 6, 6)
+        boxed = logic.run(input_volume, model3d, targetClass='lesion', server='local', targetRoi=roi, **common)
+        assert boxed.sidecar['server']['target_mask'] == 'region' and boxed.sidecar['tiles'] < alone.sidecar['tiles']
+        assert list(temp_root.iterdir()) == []  # every run's temporary folder removed
+    finally:
+        logic.cleanup()
+    time.sleep(0.5)
+    assert not _process_alive(pid) and logic.serverStatus() == 'not started'
+
+
+def test_a_server_killed_mid_run_is_reported_and_adds_nothing(scene, input_volume, model3d, tmp_path):
+    temp_root = tmp_path / 'tmp'
+    temp_root.mkdir()
+    logic = NNUNetCAMLogic(scene, temp_root=str(temp_root))
+    try:
+        logic.localServer.connect(model3d, 'cpu')
+        nodes = node_ids(scene)
+        errors = []
+        run = logic.run(input_volume, model3d, targetClass='lesion', folds=[0, 1], device='cpu', tta=True,
+                        server='local', wait=False, onError=errors.append)
+        while run.poll() and run.fraction < STAGE_TILES:
+            time.sleep(0.05)
+        logic.localServer.process.cancel()  # the server dies
+        while run.poll():
+            time.sleep(0.05)
+        assert run.state == 'failed' and 'does not answer' in errors[0] and '\n' not in errors[0]
+        assert node_ids(scene) == nodes and list(temp_root.iterdir()) == []
+    finally:
+        logic.cleanup()
+
+
+def test_evaluation_is_refused_on_a_server(scene, input_volume, model3d):
+    logic = NNUNetCAMLogic(scene)
+    with pytest.raises(ValueError, match='without a server'):
+        logic.run(input_volume, model3d, server='local', evaluate=True)
+    assert logic.localServer.process is None  # refused before starting anything

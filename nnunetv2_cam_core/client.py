@@ -15,7 +15,11 @@ class ServerClient:
         self.session.headers['Authorization'] = f'Bearer {token}'
 
     def _call(self, method: str, path: str, **kwargs):
-        r = self.session.request(method, self.url + path, timeout=self.timeout, **kwargs)
+        try:
+            r = self.session.request(method, self.url + path, timeout=self.timeout, **kwargs)
+        except requests.RequestException as e:
+            raise CamError(f'the explanation server at {self.url[:-3]} does not answer ({type(e).__name__}); check '
+                           f'that it runs and the URL') from None
         if r.status_code >= 400:
             detail = r.json().get('detail') if r.headers.get('content-type', '').startswith('application/json') \
                 else r.text

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 from .api import CamEngine, PreparedCase, _safe, _versions, run_cases
 from .errors import CamError, UsageError
 from .inputs import read_label
-from .model import fold_networks, load_predictor, resolve_device, resolve_folds
+from .model import describe_model, fold_networks, load_predictor, resolve_device, resolve_folds
 from .progress import Progress
 from .targets import predicted_mask
 
@@ -175,6 +175,7 @@ class Server:
                     continue
                 ds = json.loads((folder / 'dataset.json').read_text())
                 out.append({'id': str(folder.relative_to(root)) if len(self.roots) == 1 else str(folder),
+                            'info': describe_model(folder),
                             'configuration': folder.name.split('__')[-1],
                             'folds': sorted(p.parent.name[5:] for p in folder.glob('fold_*/checkpoint_final.pth')),
                             'labels': ds.get('labels', {}), 'file_ending': ds.get('file_ending'),

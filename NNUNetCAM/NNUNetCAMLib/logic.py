@@ -22,6 +22,7 @@ import slicer
 from . import display, evaluation, volumes
 from .environment import PythonEnvironment, ensure_core_importable
 from .process import CoreProcess, run_to_end, stdout_of
+from .server import LocalServer, ServerConnection, ServerRun
 
 WRITABLE_ENDINGS = ('.nii.gz', '.nii', '.nrrd', '.mha', '.mhd')
 LAYER_TOOLTIP = ('The last decoder stage is preselected: on 2D and 3D test models, and on scans unlike their training '
@@ -29,7 +30,7 @@ LAYER_TOOLTIP = ('The last decoder stage is preselected: on 2D and 3D test model
                  'insertion against random), did not change with the tiling, and matched the map of the whole scan '
                  'in one piece; bottleneck maps did not. Earlier (encoder) stages are coarser: "what", not "where".')
 # progress bar share of each core stage: (start, end)
-STAGES = {'load': (0.0, 0.06, 'Loading the model'),
+STAGES = {'upload': (0.0, 0.06, 'Sending the case to the server'), 'load': (0.0, 0.06, 'Loading the model'),
           'previous_stage': (0.06, 0.10, 'Low-resolution stage of the cascade (segmentation only)'),
           'preprocess': (0.10, 0.13, 'Preprocessing'), 'tiles': (0.13, 0.92, 'Sliding window'), 'export': (0.92, 0.97, 'Writing results'),
           'done': (0.97, 0.99, 'Loading results into Slicer')}
@@ -215,6 +216,16 @@ class CamRun:
         return self.result
 
 
+def _case_key(case: str, channels) -> tuple:
+    """What a case uploaded to a server was made from: the same key, the same voxels and geometry."""
+    key = [case]
+    for v in channels:
+        t = v.GetParentTransformNode()
+        key += [v.GetID(), v.GetImageData().GetMTime(), tuple(volumes.ijk_to_ras(v).ravel()),
+                None if t is None else (t.GetID(), t.GetMTime())]
+    return tuple(key)
+
+
 def app_event_pump() -> Optional[Callable[[], None]]:
     """slicer.app.processEvents inside the Slicer app (as Slicer's own blocking helpers call it), else None."""
     app = getattr(slicer, 'app', None)
@@ -237,6 +248,17 @@ class NNUNetCAMLogic:
         self.plots_logic = plots_logic  # slicer.modules.plots.logic(): shows the evaluation's curves
         self.event_pump = event_pump or app_event_pump()
         self.current: Optional[CamRun] = None
+        self.localServer = LocalServer(self.environment, temp_root)  # started by the first run that asks for it
+
+    def cleanup(self) -> None:
+        """Stop the local server (the module's cleanup; it also leaves by itself if Slicer dies)."""
+        self.localServer.shutdown()
+
+    def serverStatus(self, server: Union[str, ServerConnection, None] = 'local') -> str:
+        """What the server holds: models loaded, cases cached, device; 'not started' for a local one not yet used."""
+        if server == 'local':
+            return self.localServer.connection.status() if self.localServer.connection else 'not started'
+        return server.status()
 
     # --- short core calls: --list-methods, --list-layers, check-env ---
     def callCore(self, args: Sequence, onDone: Optional[Callable] = None, timeout: float = 300):
@@ -266,9 +288,10 @@ class NNUNetCAMLogic:
     def run(self, inputVolume, modelFolder, targetClass: Union[None, str, Sequence[str]] = None,
             method: str = 'gradcam', layers: Optional[Sequence[str]] = None, folds: Optional[Sequence] = None,
             device: str = 'auto', tta: bool = True, channelVolumes: Sequence = (), targetSegmentation=None,
-            targetSegmentId: Optional[str] = None, targetRoi=None, displayOptions: Optional[DisplayOptions] = None,
+            targetSegmentId: Optional[str] = None, targetRoi=None, targetPoint=None, pointRadiusMm: float = 10.0,
+            displayOptions: Optional[DisplayOptions] = None,
             outputFolder: Optional[str] = None, evaluate: bool = False, evaluationSteps: Optional[int] = None,
-            foldSpread: bool = False, wait: bool = True,
+            foldSpread: bool = False, server: Union[None, str, ServerConnection] = None, wait: bool = True,
             onProgress=None, onLog=None, onFinished=None, onError=None):
         """Segmentation + CAM(s) of `inputVolume`. wait=True returns a CamResult (raises RuntimeError with the
         core's one-line message on failure); wait=False returns the CamRun and reports through the callbacks.
@@ -276,12 +299,22 @@ class NNUNetCAMLogic:
         curves of `evaluationSteps` steps (default 10);
         `foldSpread`: also where the folds' maps disagree, as one more volume per class.
         `outputFolder`: also keep the core's files (segmentation, CAMs, sidecar) there; otherwise they are
-        deleted with the temporary folder once loaded."""
+        deleted with the temporary folder once loaded.
+        `targetPoint` (a markups point list; its first point) with `pointRadiusMm`, `targetRoi` or a segment:
+        explain that region only ("Explain here").
+        `server`: None runs a core process for this run; 'local' a server on this computer, started on first use
+        and kept (the case and model stay loaded, so another class or a region of the same volume is quick); a
+        ServerConnection, a remote server, where `modelFolder` is the server's model id."""
         if self.current is not None and self.current.running:
             raise RuntimeError('a CAM run is already going; wait for it to finish or cancel it')
         if inputVolume is None:
             raise ValueError('no input volume; select the volume to explain')
-        info = model_info(modelFolder)
+        if server is not None and (evaluate or foldSpread):
+            raise ValueError('the evaluation and the fold spread run without a server; untick them or compute '
+                             'without a server')
+        connection = self.localServer.connect(modelFolder, device, self.event_pump) if server == 'local' else server
+        info = connection.model_info('.' if server == 'local' else modelFolder) if connection else \
+            model_info(modelFolder)
         classes = [targetClass] if isinstance(targetClass, str) else list(targetClass or target_classes(info)[:1])
         channels = [inputVolume, *channelVolumes]
         if len(channels) != len(info['channels']) or None in channels:
@@ -297,26 +330,43 @@ class NNUNetCAMLogic:
         case = re.sub(r'[^A-Za-z0-9_-]+', '_', inputVolume.GetName()).strip('_') or 'volume'
         workdir = Path(tempfile.mkdtemp(prefix='NNUNetCAM-', dir=self.temp_root))
         try:
-            args = self._write_inputs(workdir, case, channels, ending, targetSegmentation, targetSegmentId,
-                                      targetRoi, inputVolume)
+            files, mask = self._write_inputs(workdir, case, channels, ending, targetSegmentation, targetSegmentId,
+                                             targetRoi, targetPoint, pointRadiusMm, inputVolume)
             out = Path(outputFolder) if outputFolder else workdir / 'output'
-            args += ['-o', out, '-m', info['folder'], '--target-class', *classes, '--method', method,
-                     '-device', device, '--progress', 'json', '--overwrite']
-            if layers:
-                args += ['--target-layer', *layers]
-            if folds:
-                args += ['-f', *map(str, folds)]
-            if not tta:
-                args += ['--disable-tta']
-            if evaluate:
-                args += ['--evaluate'] + (['--eval-steps', evaluationSteps] if evaluationSteps else [])
-            if foldSpread:
-                args += ['--save-fold-spread']
-            process = CoreProcess(self.environment.command(*args), self.environment.env())
+            if connection is not None:
+                process = ServerRun(connection, _case_key(case, channels), files, mask,
+                                    '.' if server == 'local' else modelFolder,
+                                    {'folds': list(folds) if folds else None, 'tta': tta, 'classes': classes,
+                                     'layers': list(layers) if layers else None, 'method': method}, out)
+            else:
+                process = self._core_process(workdir, out, mask, info, classes, method, device, layers, folds, tta,
+                                             evaluate, evaluationSteps, foldSpread)
         except Exception:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
+        return self._start(process, workdir, out, case, inputVolume, info, method, options, evaluate, foldSpread,
+                           wait, onProgress, onLog, onFinished, onError)
 
+    def _core_process(self, workdir, out, mask, info, classes, method, device, layers, folds, tta, evaluate,
+                      evaluationSteps, foldSpread) -> CoreProcess:
+        """A core process for this run alone."""
+        args = ['-i', workdir / 'input'] + (['--target-mask', mask] if mask else [])
+        args += ['-o', out, '-m', info['folder'], '--target-class', *classes, '--method', method,
+                 '-device', device, '--progress', 'json', '--overwrite']
+        if layers:
+            args += ['--target-layer', *layers]
+        if folds:
+            args += ['-f', *map(str, folds)]
+        if not tta:
+            args += ['--disable-tta']
+        if evaluate:
+            args += ['--evaluate'] + (['--eval-steps', evaluationSteps] if evaluationSteps else [])
+        if foldSpread:
+            args += ['--save-fold-spread']
+        return CoreProcess(self.environment.command(*args), self.environment.env())
+
+    def _start(self, process, workdir, out, case, inputVolume, info, method, options, evaluate, foldSpread, wait,
+               onProgress, onLog, onFinished, onError):
         def load(sidecar: dict) -> CamResult:
             return self._load_results(sidecar, out, inputVolume, info, method, options)
         self.current = CamRun(process, workdir, out / f'{case}_cam.json', load, onProgress, onLog, onFinished, onError,
@@ -337,16 +387,16 @@ class NNUNetCAMLogic:
                 self.scheduler(100, tick)
         self.scheduler(100, tick)
 
-    def _write_inputs(self, workdir: Path, case: str, channels, ending, segmentation, segment_id, roi,
-                      reference) -> list:
+    def _write_inputs(self, workdir: Path, case: str, channels, ending, segmentation, segment_id, roi, point,
+                      radius_mm, reference) -> tuple:
+        """(the case's files, the target mask's file or None)."""
         (workdir / 'input').mkdir()
-        volumes.write_case(workdir / 'input', channels, ending, case)
-        args = ['-i', workdir / 'input']
-        if segmentation is not None or roi is not None:
+        files = volumes.write_case(workdir / 'input', channels, ending, case)
+        mask = None
+        if segmentation is not None or roi is not None or point is not None:
             mask = workdir / f'target_mask{ending}'
-            volumes.write_target_mask(self.scene, reference, mask, segmentation, segment_id, roi)
-            args += ['--target-mask', mask]
-        return args
+            volumes.write_target_mask(self.scene, reference, mask, segmentation, segment_id, roi, point, radius_mm)
+        return [str(f) for f in files], mask and str(mask)
 
     def _load_results(self, sidecar: dict, out: Path, inputVolume, info: dict, method: str,
                       options: DisplayOptions) -> CamResult:

@@ -116,8 +116,9 @@ def load_segmentation(scene, path: Path, name: str, reference, labels: Dict[str,
 
 
 def write_target_mask(scene, reference, path: Path, segmentation=None, segment_id: Optional[str] = None,
-                      roi=None) -> None:
-    """A segment, or the voxels inside a markups ROI, as a 0/1 label file on the input's voxel grid."""
+                      roi=None, point=None, radius_mm: float = 10.0) -> None:
+    """A segment, the voxels inside a markups ROI, or those within `radius_mm` of a markups point (its first
+    control point), as a 0/1 label file on the input's voxel grid."""
     labelmap = scene.AddNewNodeByClass('vtkMRMLLabelMapVolumeNode', 'NNUNetCAM target mask')
     try:
         if segmentation is not None:
@@ -127,10 +128,13 @@ def write_target_mask(scene, reference, path: Path, segmentation=None, segment_i
                                                                                           reference):
                 raise ValueError(f'could not export segment {segment_id!r} onto the input volume\'s grid')
             mask = slicer.util.arrayFromVolume(labelmap) > 0
-        else:
+        elif roi is not None:
             mask = roi_mask(reference, roi)
+        else:
+            mask = point_mask(reference, point, radius_mm)
         if not mask.any():
-            raise ValueError('the target region does not overlap the input volume; move the segment or ROI onto it')
+            raise ValueError('the target region does not overlap the input volume; move the segment, ROI or point '
+                             'onto it')
         image = vtk.vtkImageData()
         image.SetDimensions(reference.GetImageData().GetDimensions())
         image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
@@ -142,25 +146,45 @@ def write_target_mask(scene, reference, path: Path, segmentation=None, segment_i
         scene.RemoveNode(labelmap)
 
 
-def roi_mask(reference, roi) -> np.ndarray:
-    """Voxels of `reference` (K, J, I order) whose centres lie inside the ROI, both in world coordinates."""
-    dims = reference.GetImageData().GetDimensions()
+def _ijk_to_world(reference) -> np.ndarray:
     to_world = ijk_to_ras(reference)
     transform = reference.GetParentTransformNode()
     if transform is not None:
         m = vtk.vtkMatrix4x4()
         if not transform.GetMatrixTransformToWorld(m):
-            raise ValueError('the input volume is under a non-linear transform; harden it before using an ROI')
+            raise ValueError('the input volume is under a non-linear transform; harden it before using an ROI or '
+                             'point')
         to_world = _array(m) @ to_world
-    world_to_roi = np.linalg.inv(_array(roi.GetObjectToWorldMatrix()))
-    half = np.array(roi.GetSize()) / 2
+    return to_world
+
+
+def _voxels_where(reference, inside) -> np.ndarray:
+    """Voxels of `reference` (K, J, I order) whose world-coordinate centres (4, n) satisfy inside(points) -> (n,)."""
+    dims = reference.GetImageData().GetDimensions()
+    to_world = _ijk_to_world(reference)
     j, i = np.mgrid[0:dims[1], 0:dims[0]]
     out = np.zeros(dims[::-1], bool)
     for k in range(dims[2]):  # a slice at a time: a whole-volume coordinate array would be large
         ijk = np.stack([i.ravel(), j.ravel(), np.full(i.size, k), np.ones(i.size)])
-        p = (world_to_roi @ to_world @ ijk)[:3]
-        out[k] = (np.abs(p) <= half[:, None] + 1e-6).all(0).reshape(dims[1], dims[0])
+        out[k] = inside(to_world @ ijk).reshape(dims[1], dims[0])
     return out
+
+
+def roi_mask(reference, roi) -> np.ndarray:
+    """Voxels of `reference` (K, J, I order) whose centres lie inside the ROI, both in world coordinates."""
+    world_to_roi = np.linalg.inv(_array(roi.GetObjectToWorldMatrix()))
+    half = np.array(roi.GetSize()) / 2
+    return _voxels_where(reference, lambda p: (np.abs((world_to_roi @ p)[:3]) <= half[:, None] + 1e-6).all(0))
+
+
+def point_mask(reference, point, radius_mm: float) -> np.ndarray:
+    """Voxels of `reference` (K, J, I order) within `radius_mm` of the markups point's first control point (world)."""
+    if point.GetNumberOfControlPoints() < 1:
+        raise ValueError(f'{point.GetName()!r} has no point; click one onto the image first')
+    centre = [0.0, 0.0, 0.0]
+    point.GetNthControlPointPositionWorld(0, centre)
+    c = np.array(centre)[:, None]
+    return _voxels_where(reference, lambda p: np.linalg.norm(p[:3] - c, axis=0) <= radius_mm)
 
 
 def _array(m) -> np.ndarray:

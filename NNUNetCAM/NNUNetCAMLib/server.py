@@ -1,0 +1,152 @@
+"""Runs on an explanation server (`nnunetv2_cam serve`): one started on this computer, in the chosen Python, on
+first use and reused, or a remote one (URL + token). A ServerRun has CoreProcess's interface, so a CamRun reports
+progress, cancels and loads the results the same way whichever runs the core."""
+import json
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .environment import ensure_core_importable
+from .process import CoreProcess
+
+
+class ServerConnection:
+    """A server and the cases uploaded to it, by what they were made from (so a case is uploaded once)."""
+
+    def __init__(self, url: str, token: str):
+        ensure_core_importable()
+        from nnunetv2_cam_core.client import ServerClient
+        self.url, self.client = url, ServerClient(url, token)
+        self.cases: Dict[tuple, str] = {}
+
+    def model_info(self, model: str) -> dict:
+        """describe_model of the server's model `model` (its id there)."""
+        for m in self.client.models():
+            if m['id'] == model:
+                return m['info']
+        raise ValueError(f'the server at {self.url} has no model {model!r}; it serves: '
+                         f'{", ".join(m["id"] for m in self.client.models()) or "none"}')
+
+    def status(self) -> str:
+        h = self.client.health()
+        loaded = ', '.join(f'{Path(m["model"]).name} folds {" ".join(map(str, m["folds"]))}'
+                           for m in h['models_loaded']) or 'no model loaded'
+        return f'{self.url} on {h["device"]}: {loaded}; {h["cases"]} case(s) cached'
+
+
+class LocalServer:
+    """`nnunetv2_cam serve` on this computer, serving one model folder; started on first use, restarted for another
+    folder, stopped by shutdown() (module cleanup). It also leaves by itself if Slicer dies (--parent-pid)."""
+
+    def __init__(self, environment, temp_root: Optional[str] = None, start_timeout: float = 120):
+        self.environment, self.temp_root, self.start_timeout = environment, temp_root, start_timeout
+        self.device = 'auto'
+        self.process: Optional[CoreProcess] = None
+        self.folder: Optional[str] = None
+        self.connection: Optional[ServerConnection] = None
+
+    def connect(self, model_folder: str, device: str = 'auto', event_pump=None) -> ServerConnection:
+        folder = str(Path(model_folder).resolve())
+        if self.connection is not None and (self.folder, self.device) == (folder, device) and \
+                self.process.returncode is None:
+            return self.connection
+        self.device = device
+        self.shutdown()
+        token_file = Path(self.temp_root or os.environ.get('TMPDIR', '/tmp'), f'nnunetcam-token-{os.getpid()}')
+        process = CoreProcess(self.environment.command('serve', '--models', folder, '--port', '0', '--token-file',
+                                                       token_file, '-device', self.device, '--parent-pid',
+                                                       os.getpid()), self.environment.env())
+        started = _wait_for(process, lambda e: e.get('event') == 'listening', self.start_timeout, event_pump)
+        if started is None:
+            logs = [e['message'] for e in process.poll() if e.get('event') == 'log'][-1:]
+            process.cancel()
+            raise RuntimeError(f'the local explanation server did not start: {logs[0] if logs else "no output"}')
+        self.process, self.folder = process, folder
+        self.connection = ServerConnection(started['url'], started.get('token') or token_file.read_text().strip())
+        token_file.unlink(missing_ok=True)  # the connection holds it; nothing stays on disk
+        return self.connection
+
+    def shutdown(self) -> None:
+        if self.process is not None:
+            self.process.cancel()
+        self.process = self.connection = self.folder = None
+
+
+def _wait_for(process: CoreProcess, match, timeout: float, event_pump) -> Optional[dict]:
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.returncode is None:
+        for e in process.poll():
+            if match(e):
+                return e
+        if event_pump:
+            event_pump()
+        time.sleep(0.05)
+    return None
+
+
+class ServerRun:
+    """One explanation on a server, with CoreProcess's interface (poll, returncode, cancel, command): uploads the
+    case unless the server has it, runs the job, and writes its files into `out`, as a core run would."""
+
+    def __init__(self, connection: ServerConnection, case_key: tuple, files: List[str], mask: Optional[str],
+                 model: str, request: dict, out: Path):
+        self.connection, self.out = connection, out
+        self.command = ['server', connection.url, 'explain', model, json.dumps(request)]
+        self._events: 'queue.Queue' = queue.Queue()
+        self._job: Optional[str] = None
+        self._cancel = threading.Event()
+        self._rc: Optional[int] = None
+        self.cancelled = False
+        self._thread = threading.Thread(target=self._run, args=(case_key, files, mask, model, request), daemon=True)
+        self._thread.start()
+
+    def _run(self, case_key, files, mask, model, request) -> None:
+        client = self.connection.client
+        try:
+            case = self.connection.cases.get(case_key)
+            if case is None:
+                self._events.put({'event': 'stage', 'stage': 'upload'})
+                case = self.connection.cases[case_key] = client.upload(files)
+            if mask is not None:
+                request = {**request, 'region': {'kind': 'mask', 'mask': client.upload([mask])}}
+            self._job = client.explain(model, case, **request)
+            if self._cancel.is_set():
+                client.cancel(self._job)
+            job = client.wait(self._job, self._events.put)
+            if job['status'] != 'done':
+                raise RuntimeError(job['error'] or f'the server {job["status"]} the job')
+            self.out.mkdir(parents=True, exist_ok=True)
+            client.download(self._job, self.out, job['files'])
+            if mask is not None:
+                client.delete_case(request['region']['mask'])
+            self._rc = 0
+        except Exception as e:
+            if not self._cancel.is_set():
+                self._events.put({'event': 'error', 'message': str(e)})
+            self._rc = 1
+
+    def poll(self) -> List[dict]:
+        out = []
+        while True:
+            try:
+                out.append(self._events.get_nowait())
+            except queue.Empty:
+                return out
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return None if self._thread.is_alive() else self._rc
+
+    def cancel(self, grace_s: float = 2.0) -> None:
+        """The server stops the job within a tile; nothing is downloaded."""
+        self.cancelled = True
+        self._cancel.set()
+        if self._job is not None:
+            try:
+                self.connection.client.cancel(self._job)
+            except Exception:  # the server is gone: nothing runs there
+                pass
+        self._thread.join(grace_s + 5)
