@@ -22,8 +22,10 @@ from NNUNetCAMLib import (COLORMAPS, DEFAULT_COLORMAP, DisplayOptions, NNUNetCAM
 from NNUNetCAMLib import display, evaluation
 from NNUNetCAMLib.logic import LAYER_TOOLTIP, stdout_json
 from NNUNetCAMLib.process import run_to_end, stdout_of
+from NNUNetCAMLib.server import ServerStartError
 
 PYTHON_SETTING = 'NNUNetCAM/python'  # '' = Slicer's own Python
+COMPUTE_ON = ['this computer', 'a new process per run']
 
 
 def savedEnvironment() -> PythonEnvironment:
@@ -62,7 +64,10 @@ class NNUNetCAMParameterNode:
     tta: bool = True
     evaluate: bool = False
     foldSpread: bool = False
+    computeOn: Annotated[str, Choice(COMPUTE_ON)] = COMPUTE_ON[0]
     targetRoi: slicer.vtkMRMLMarkupsROINode
+    targetPoint: slicer.vtkMRMLMarkupsFiducialNode
+    pointRadiusMm: Annotated[float, WithinRange(1.0, 100.0)] = 10.0
     camVolume: slicer.vtkMRMLScalarVolumeNode
     colormap: Annotated[str, Choice(list(COLORMAPS))] = DEFAULT_COLORMAP
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
@@ -125,6 +130,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self.logic:
             self.logic.cancel()
+            self.logic.cleanup()  # stops the local server
 
     def enter(self):
         self.initializeParameterNode()
@@ -165,7 +171,9 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 'channel2Volume': self.ui.channel2Selector, 'channel3Volume': self.ui.channel3Selector,
                 'device': self.ui.deviceComboBox, 'tta': self.ui.ttaCheckBox,
                 'evaluate': self.ui.evaluateCheckBox, 'foldSpread': self.ui.foldSpreadCheckBox,
-                'targetRoi': self.ui.targetRoiSelector, 'camVolume': self.ui.camVolumeSelector,
+                'computeOn': self.ui.computeOnComboBox, 'targetRoi': self.ui.targetRoiSelector,
+                'targetPoint': self.ui.targetPointSelector, 'pointRadiusMm': self.ui.pointRadiusSlider,
+                'camVolume': self.ui.camVolumeSelector,
                 'colormap': self.ui.colormapComboBox, 'opacity': self.ui.opacitySlider,
                 'threshold': self.ui.thresholdSlider, 'colorLegend': self.ui.colorLegendCheckBox,
                 'volumeRendering': self.ui.volumeRenderingCheckBox})
@@ -313,15 +321,27 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
         self._started = time.monotonic()
+        # the evaluation and the fold spread run in a process of their own
+        server = 'local' if p.computeOn == COMPUTE_ON[0] and not (p.evaluate or p.foldSpread) else None
+        if server:
+            self.ui.serverStatusLabel.text = 'Starting the server on this computer...' \
+                if self.logic.serverStatus() == 'not started' else self.ui.serverStatusLabel.text
+        run = lambda server: self.logic.run(  # noqa: E731
+            p.inputVolume, self._info['folder'], targetClass=self.ui.targetClassComboBox.currentText,
+            method=p.method, layers=[p.targetLayer], folds=self.selectedFolds(), device=p.device, tta=p.tta,
+            channelVolumes=channels, targetSegmentation=segmentation if segmentId else None,
+            targetSegmentId=segmentId, targetRoi=p.targetRoi if not segmentId else None,
+            targetPoint=p.targetPoint if not (segmentId or p.targetRoi) else None, pointRadiusMm=p.pointRadiusMm,
+            displayOptions=DisplayOptions(p.colormap, p.threshold, p.opacity, p.colorLegend, p.volumeRendering),
+            evaluate=p.evaluate, foldSpread=p.foldSpread, server=server, wait=False, onProgress=self.onProgress,
+            onLog=self.log, onFinished=self.onFinished, onError=self.onError)
         try:
-            self._run = self.logic.run(
-                p.inputVolume, self._info['folder'], targetClass=self.ui.targetClassComboBox.currentText,
-                method=p.method, layers=[p.targetLayer], folds=self.selectedFolds(), device=p.device, tta=p.tta,
-                channelVolumes=channels, targetSegmentation=segmentation if segmentId else None,
-                targetSegmentId=segmentId, targetRoi=p.targetRoi if not segmentId else None,
-                displayOptions=DisplayOptions(p.colormap, p.threshold, p.opacity, p.colorLegend, p.volumeRendering),
-                evaluate=p.evaluate, foldSpread=p.foldSpread, wait=False, onProgress=self.onProgress, onLog=self.log, onFinished=self.onFinished,
-                onError=self.onError)
+            try:
+                self._run = run(server)
+            except ServerStartError as e:  # e.g. the server's packages are missing in this Python
+                self.log(f'{e}; running in a new process instead')
+                self.ui.serverStatusLabel.text = f'Server not started: {e}'
+                self._run = run(None)
         except Exception as e:
             self.ui.progressBar.hide()
             slicer.util.errorDisplay(str(e), windowTitle='NNUNetCAM')
@@ -343,6 +363,8 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                     f'{", ".join(node.GetName() for node in result.nodes())}'
                                     + ''.join(f'\n{line}' for line in sanity))
         self._parameterNode.camVolume = next(iter(result.cams.values()))
+        if 'server' in result.sidecar:
+            self.ui.serverStatusLabel.text = f'Server: {self.logic.serverStatus()}'
         self.updateApply()
 
     def onError(self, message):

@@ -861,3 +861,44 @@ def test_evaluation_is_refused_on_a_server(scene, input_volume, model3d):
     with pytest.raises(ValueError, match='without a server'):
         logic.run(input_volume, model3d, server='local', evaluate=True)
     assert logic.localServer.process is None  # refused before starting anything
+
+
+def test_panel_computes_on_this_computer_and_explains_here(monkeypatch, scene, input_volume, model3d, tmp_path):
+    """The panel's default: a server on this computer, kept between Applies (the status line says what it holds);
+    a point from the Target region section explains just there; 'a new process per run' needs no server;
+    leaving Slicer (the module's cleanup) stops the server."""
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    widget = open_panel(load_module())
+    ui, node = widget.ui, widget._parameterNode
+    assert ui.computeOnComboBox.currentText == 'this computer'
+    ui.modelFolderPathLineEdit.currentPath = str(model3d)
+    app.runPending()
+    node.inputVolume, node.device, node.tta, node.targetClass = input_volume, 'cpu', False, 'lesion'
+    for box in widget._foldBoxes[1:]:
+        box.checked = False
+    ui.applyButton.clicked.emit(False)
+    app.runPending(seconds=300)
+    assert ui.statusLabel.text.startswith('Done'), (ui.statusLabel.text, app.dialogs)
+    full = widget._run.result.sidecar
+    assert ui.serverStatusLabel.text.startswith('Server: http://127.0.0.1') and '1 case(s) cached' in \
+        ui.serverStatusLabel.text
+    pid = widget.logic.localServer.process.pid
+    arr = slicer.util.arrayFromVolume(input_volume)
+    peak = np.unravel_index(np.argmax(arr), arr.shape)
+    point = scene.AddNewNodeByClass('vtkMRMLMarkupsFiducialNode', 'here')
+    point.AddControlPoint(*(volumes.ijk_to_ras(input_volume) @ np.array([*peak[::-1], 1]))[:3])
+    node.targetPoint, node.pointRadiusMm = point, 5.0
+    ui.applyButton.clicked.emit(False)
+    app.runPending(seconds=300)
+    here = widget._run.result.sidecar
+    assert ui.statusLabel.text.startswith('Done') and widget.logic.localServer.process.pid == pid
+    assert here['server']['target_mask'] == 'region' and here['tiles'] < full['tiles']
+    node.targetPoint = None
+    ui.computeOnComboBox.currentText = 'a new process per run'
+    assert node.computeOn == 'a new process per run'
+    ui.applyButton.clicked.emit(False)
+    app.runPending(seconds=300)
+    assert ui.statusLabel.text.startswith('Done') and 'server' not in widget._run.result.sidecar
+    widget.cleanup()
+    time.sleep(0.5)
+    assert not _process_alive(pid) and app.slotErrors == []

@@ -312,6 +312,8 @@ class NNUNetCAMLogic:
         if server is not None and (evaluate or foldSpread):
             raise ValueError('the evaluation and the fold spread run without a server; untick them or compute '
                              'without a server')
+        if server == 'local':
+            self.localServer.environment = self.environment  # the Python chosen now
         connection = self.localServer.connect(modelFolder, device, self.event_pump) if server == 'local' else server
         info = connection.model_info('.' if server == 'local' else modelFolder) if connection else \
             model_info(modelFolder)

@@ -12,6 +12,10 @@ from .environment import ensure_core_importable
 from .process import CoreProcess
 
 
+class ServerStartError(RuntimeError):
+    """The local server did not start (its packages missing, a port or permission problem)."""
+
+
 class ServerConnection:
     """A server and the cases uploaded to it, by what they were made from (so a case is uploaded once)."""
 
@@ -44,13 +48,13 @@ class LocalServer:
         self.environment, self.temp_root, self.start_timeout = environment, temp_root, start_timeout
         self.device = 'auto'
         self.process: Optional[CoreProcess] = None
-        self.folder: Optional[str] = None
+        self.started: Optional[tuple] = None  # (folder, device, python) it serves
         self.connection: Optional[ServerConnection] = None
 
     def connect(self, model_folder: str, device: str = 'auto', event_pump=None) -> ServerConnection:
         folder = str(Path(model_folder).resolve())
-        if self.connection is not None and (self.folder, self.device) == (folder, device) and \
-                self.process.returncode is None:
+        started = (folder, device, self.environment.executable)
+        if self.connection is not None and self.started == started and self.process.returncode is None:
             return self.connection
         self.device = device
         self.shutdown()
@@ -58,20 +62,21 @@ class LocalServer:
         process = CoreProcess(self.environment.command('serve', '--models', folder, '--port', '0', '--token-file',
                                                        token_file, '-device', self.device, '--parent-pid',
                                                        os.getpid()), self.environment.env())
-        started = _wait_for(process, lambda e: e.get('event') == 'listening', self.start_timeout, event_pump)
-        if started is None:
+        listening = _wait_for(process, lambda e: e.get('event') == 'listening', self.start_timeout, event_pump)
+        if listening is None:
             logs = [e['message'] for e in process.poll() if e.get('event') == 'log'][-1:]
             process.cancel()
-            raise RuntimeError(f'the local explanation server did not start: {logs[0] if logs else "no output"}')
-        self.process, self.folder = process, folder
-        self.connection = ServerConnection(started['url'], started.get('token') or token_file.read_text().strip())
+            raise ServerStartError(f'the local explanation server did not start: {logs[0] if logs else "no output"}')
+        self.process, self.started = process, started
+        self.connection = ServerConnection(listening['url'],
+                                           listening.get('token') or token_file.read_text().strip())
         token_file.unlink(missing_ok=True)  # the connection holds it; nothing stays on disk
         return self.connection
 
     def shutdown(self) -> None:
         if self.process is not None:
             self.process.cancel()
-        self.process = self.connection = self.folder = None
+        self.process = self.connection = self.started = None
 
 
 def _wait_for(process: CoreProcess, match, timeout: float, event_pump) -> Optional[dict]:
