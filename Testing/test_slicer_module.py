@@ -902,3 +902,29 @@ def test_panel_computes_on_this_computer_and_explains_here(monkeypatch, scene, i
     widget.cleanup()
     time.sleep(0.5)
     assert not _process_alive(pid) and app.slotErrors == []
+
+
+def test_a_server_that_cannot_start_says_why_and_the_panel_runs_a_process(monkeypatch, scene, input_volume, model3d,
+                                                                        tmp_path):
+    from NNUNetCAMLib.server import LocalServer, ServerStartError
+    script = tmp_path / 'python'
+    script.write_text('#!/bin/sh\necho "No module named fastapi" >&2\nexit 1\n')
+    script.chmod(0o755)
+    with pytest.raises(ServerStartError, match='did not start: No module named fastapi'):
+        LocalServer(PythonEnvironment(str(script)), str(tmp_path)).connect(model3d)
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    widget = open_panel(load_module())
+    ui, node = widget.ui, widget._parameterNode
+    ui.modelFolderPathLineEdit.currentPath = str(model3d)
+    app.runPending()
+    node.inputVolume, node.device, node.tta, node.targetClass = input_volume, 'cpu', False, 'lesion'
+    monkeypatch.setattr(widget.logic.localServer, 'connect', lambda *a: (_ for _ in ()).throw(
+        ServerStartError('the local explanation server did not start: No module named fastapi')))
+    ui.applyButton.clicked.emit(False)
+    app.runPending(seconds=300)
+    assert ui.statusLabel.text.startswith('Done') and 'server' not in widget._run.result.sidecar
+    assert any(line.endswith('No module named fastapi; running in a new process instead')
+               for line in ui.logTextEdit.lines)
+    assert ui.serverStatusLabel.text == 'Server not started: the local explanation server did not start: No module ' \
+                                        'named fastapi'
+    widget.cleanup()
