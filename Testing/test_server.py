@@ -88,6 +88,16 @@ def test_refuses_what_is_not_allowed_and_keeps_serving(server, client, small_cas
         assert requests.get(url + path, headers=auth, timeout=10).status_code in (404, 405), path
     r = requests.delete(f'{url}/v1/cases/..%2F{case}', headers=auth, timeout=10)
     assert r.status_code == 404
+    for path in ('/docs', '/redoc', '/openapi.json'):  # no route that skips the token
+        assert requests.get(url + path, headers=auth, timeout=10).status_code == 404, path
+    # a checkpoint is a file name in fold_N/, never a path (nnU-Net unpickles it)
+    r = requests.post(f'{url}/v1/explain', json={'model': model_id(model3d, results_dir), 'case': case,
+                                                 'checkpoint': '../../../../tmp/x.pth'}, headers=auth, timeout=10)
+    assert r.status_code == 422 and r.json()['detail'][0]['loc'] == ['body', 'checkpoint']
+    # an unauthenticated body is bounded before it is read
+    r = requests.post(f'{url}/v1/explain', data=b'{' + b' ' * (2 << 20), timeout=30,
+                      headers={'Content-Type': 'application/json'})
+    assert r.status_code in (401, 413)
     # a failing job reports the CLI's one line; the next one runs
     job = client.wait(client.explain(model_id(model3d, results_dir), case, classes=['tumour'], tta=False))
     assert job['status'] == 'failed' and 'tumour' in job['error'] and '\n' not in job['error']
@@ -252,9 +262,10 @@ def test_cli_on_a_server_refuses_what_runs_locally_only(server, small_case, caps
 
 
 def start(results_dir, tmp_path, *extra):
+    (tmp_path / 'tmp').mkdir(exist_ok=True)  # the server's work folder goes there
     proc = subprocess.Popen([sys.executable, '-m', 'nnunetv2_cam_core', 'serve', '--models', str(results_dir),
                              '--port', '0', '--token-file', str(tmp_path / 'token'), '-device', 'cpu', *extra],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, 'TMPDIR': str(tmp_path / 'tmp')})
     first = json.loads(proc.stdout.readline())
     return proc, ServerClient(first['url'], (tmp_path / 'token').read_text().strip())
 
@@ -277,8 +288,8 @@ def test_the_server_leaves_with_the_process_that_started_it(results_dir, tmp_pat
     """As when Slicer dies: the parent is killed, the server exits by itself and removes its work folder."""
     parent = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
     proc, client = start(results_dir, tmp_path, '--parent-pid', str(parent.pid))
-    work = Path(client.health()['work'])
-    assert proc.poll() is None and work.is_dir()
+    client.health()
+    assert proc.poll() is None and len(list((tmp_path / 'tmp').iterdir())) == 1  # its work folder
     parent.kill()
     parent.wait()
-    assert proc.wait(10) == 0 and not work.exists()
+    assert proc.wait(10) == 0 and list((tmp_path / 'tmp').iterdir()) == []

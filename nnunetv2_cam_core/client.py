@@ -63,12 +63,15 @@ class ServerClient:
             time.sleep(poll_s)
 
     def cancel(self, job_id: str) -> None:
+        """Cancel a running or queued job; remove an ended one and its files from the server."""
         self._call('DELETE', f'/jobs/{job_id}')
 
     def download(self, job_id: str, folder: Path, names: Sequence[str]) -> Dict[str, Path]:
         folder.mkdir(parents=True, exist_ok=True)
         out = {}
         for name in names:
+            if name != Path(name).name:
+                raise CamError(f'the server named a result {name!r}, which is not a plain file name')
             out[name] = folder / name
             out[name].write_bytes(self._call('GET', f'/jobs/{job_id}/files/{name}').content)
         return out
@@ -108,9 +111,11 @@ def run_on_server(client: ServerClient, model: str, inputs: Sequence[str], outpu
             if job['status'] != 'done':
                 raise CamError(job['error'] or f'the server {job["status"]} the job')
             with CaseOutputs(output) as co:
+                client.download(job['id'], co.tmp, job['files'])
                 for f in job['files']:
-                    Path(co.path(f)).write_bytes(client._call('GET', f'/jobs/{job["id"]}/files/{f}').content)
+                    co.path(f)
                 written = co.commit()
+            client.cancel(job['id'])  # its files are here now
             progress.emit('result', files=sorted(written.values()),
                           message=f'{name}: wrote {len(written)} outputs to {output}')
         finally:

@@ -37,8 +37,8 @@ from .progress import Progress
 from .targets import predicted_mask
 
 API = '/v1'
-ID = re.compile(r'^[0-9a-f]{16}$')
-ENDINGS = ('.nii.gz', '.nii', '.nrrd', '.nhdr', '.mha', '.mhd', '.png', '.tif', '.tiff')
+ID = re.compile(r'[0-9a-f]{16}')
+ENDINGS = ('.nii.gz', '.nii', '.nrrd', '.mha', '.png', '.tif', '.tiff')  # one file each: no detached headers
 
 
 class Region(BaseModel):
@@ -56,7 +56,7 @@ class ExplainRequest(BaseModel):
     model: str
     case: str
     folds: Optional[List[Union[int, str]]] = None
-    checkpoint: str = 'checkpoint_final.pth'
+    checkpoint: str = Field('checkpoint_final.pth', pattern=r'^[A-Za-z0-9_.-]+\.pth$')  # a file in fold_N/
     tta: bool = True
     step_size: float = Field(0.5, gt=0, le=1)
     classes: List[Union[int, str]] = ['1']
@@ -108,7 +108,7 @@ class Cache:
     """Least recently used entries, bounded by bytes."""
 
     def __init__(self, limit_bytes: int):
-        self.limit, self.items, self.lock = limit_bytes, OrderedDict(), threading.Lock()
+        self.limit, self.items, self.lock = limit_bytes, OrderedDict(), threading.RLock()
 
     def get(self, key):
         with self.lock:
@@ -130,7 +130,8 @@ class Cache:
                 del self.items[key]
 
     def bytes(self) -> int:
-        return sum(n for _, n in self.items.values())
+        with self.lock:
+            return sum(n for _, n in self.items.values())
 
 
 def _tensor_bytes(*xs) -> int:
@@ -147,7 +148,7 @@ class Server:
         self.max_upload, self.abandon_s = int(max_upload_mb * 1024 ** 2), abandon_s
         self.work = Path(work or tempfile.mkdtemp(prefix='nnunetcam-server-'))
         self.cases: Dict[str, dict] = {}
-        self.models: Dict[tuple, tuple] = {}  # (folder, folds, checkpoint, tta, step) -> (predictor, networks)
+        self.models: Dict[tuple, tuple] = {}  # (folder, folds, checkpoint) -> (predictor, networks)
         self.data = Cache(int(cache_mb * 1024 ** 2))  # (case, folder) -> PreparedCase; (case, model key) -> logits
         self.jobs: Dict[str, Job] = {}
         self.queue: 'queue.Queue[Job]' = queue.Queue(maxsize=queue_size)
@@ -185,14 +186,18 @@ class Server:
     def _loaded(self, job: Job):
         r = job.request
         folds = tuple(resolve_folds(job.folder, r.folds and [str(f) for f in r.folds], r.checkpoint))
-        key = (str(job.folder), folds, r.checkpoint, r.tta, r.step_size)
+        key = (str(job.folder), folds, r.checkpoint)
         if key not in self.models:
             pred = load_predictor(job.folder, folds, r.checkpoint, self.device, r.step_size, r.tta)
+            if pred.configuration_manager.previous_stage_name:
+                raise UsageError('cascade models are not served yet; run them with the CLI or a new process per run')
             self.models[key] = (pred, fold_networks(pred))
             self.counters['model_loads'] += 1
         else:
             job.reused.append('model')
-        return key, self.models[key]
+        pred = self.models[key][0]
+        pred.tile_step_size, pred.use_mirroring = r.step_size, r.tta  # one job at a time: set for this one
+        return (*key, r.tta, r.step_size), self.models[key]
 
     # cases
     def add_case(self, files: List[UploadFile]) -> dict:
@@ -226,13 +231,13 @@ class Server:
         return {'id': case_id, 'name': name, 'channels': len(paths), 'bytes': total}
 
     def case(self, case_id: str) -> dict:
-        if not ID.match(case_id) or case_id not in self.cases:
+        if not ID.fullmatch(case_id) or case_id not in self.cases:
             raise HTTPException(404, f'no case {case_id!r}; upload it first')
         return self.cases[case_id]
 
     def delete_case(self, case_id: str) -> None:
         self.case(case_id)
-        del self.cases[case_id]
+        self.cases.pop(case_id, None)
         self.data.drop(lambda k: k[0] == case_id)
         shutil.rmtree(self.work / 'cases' / case_id, ignore_errors=True)
 
@@ -242,7 +247,8 @@ class Server:
         if pc is None:
             data, props, _, image = engine.preprocess(self.case(job.request.case)['files'])
             pc = PreparedCase(data, props, image)
-            self.data.put(key, pc, _tensor_bytes(data, image))
+            if job.request.case in self.cases:  # not deleted meanwhile
+                self.data.put(key, pc, _tensor_bytes(data, image))
             self.counters['preprocessings'] += 1
         else:
             job.reused.append('preprocessed case')
@@ -321,8 +327,16 @@ class Server:
         self.jobs[job_id] = job
         return job
 
+    def forget(self, job_id: str) -> Job:
+        """Cancel a job; one that has ended is removed with its files."""
+        job = self.job(job_id)
+        job.cancel.set()
+        if job.status in ('done', 'failed', 'cancelled') and self.jobs.pop(job_id, None) is not None:
+            shutil.rmtree(job.out.parent, ignore_errors=True)
+        return job
+
     def job(self, job_id: str) -> Job:
-        if not ID.match(job_id) or job_id not in self.jobs:
+        if not ID.fullmatch(job_id) or job_id not in self.jobs:
             raise HTTPException(404, f'no job {job_id!r}')
         self.jobs[job_id].seen = time.monotonic()
         return self.jobs[job_id]
@@ -341,7 +355,7 @@ class Server:
                 job.status = 'cancelled'
             except CamError as e:
                 job.status, job.error = 'failed', str(e)
-            except Exception as e:  # the same one line as the CLI's; the server goes on
+            except BaseException as e:  # the same one line as the CLI's; the server (this worker) goes on
                 job.status = 'failed'
                 job.error = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
             finally:
@@ -378,17 +392,16 @@ class Server:
                                                  'target_mask': target_mask}})
         res = results[self.case(r.case)['name']]
         self.counters['tiles_run'] += res.info['tiles']
-        if logits is None:
+        if logits is None and r.case in self.cases:
             self.data.put(logits_key, res.logits, _tensor_bytes(res.logits))
         job.files = {p.name: str(p) for p in job.out.iterdir()}
 
     def health(self) -> dict:
         return {'versions': _versions(), 'device': str(self.device),
                 'devices': ['cpu'] + [f'cuda:{i}' for i in range(torch.cuda.device_count())],
-                'models_loaded': [{'model': k[0], 'folds': list(k[1]), 'tta': k[3], 'step_size': k[4]}
-                                  for k in self.models],
+                'models_loaded': [{'model': k[0], 'folds': list(k[1]), 'checkpoint': k[2]} for k in list(self.models)],
                 'cases': len(self.cases), 'cache_bytes': self.data.bytes(), 'cache_limit_bytes': self.data.limit,
-                'queued': self.queue.qsize(), 'counters': dict(self.counters), 'work': str(self.work)}
+                'queued': self.queue.qsize(), 'counters': dict(self.counters)}
 
 
 def create_app(server: Server) -> FastAPI:
@@ -404,7 +417,10 @@ def create_app(server: Server) -> FastAPI:
         if length is not None and length.isdigit() and int(length) > server.max_upload + (1 << 16):
             raise HTTPException(413, f'upload larger than --max-upload-mb {server.max_upload / 1024 ** 2:g}')
 
-    app = FastAPI(title='NNUNetCAM explanation server', dependencies=[Depends(authorised)])
+    # no docs routes: FastAPI adds them without the app's dependencies, so they would answer without the token;
+    # bodies are bounded before they are read (the token is checked after)
+    app = FastAPI(title='NNUNetCAM explanation server', dependencies=[Depends(authorised)], docs_url=None,
+                  redoc_url=None, openapi_url=None, max_body_size=1 << 20)
 
     @app.get(f'{API}/health')
     def health():
@@ -414,7 +430,7 @@ def create_app(server: Server) -> FastAPI:
     def models():
         return server.list_models()
 
-    @app.post(f'{API}/cases', dependencies=[Depends(upload_size)])
+    @app.post(f'{API}/cases', dependencies=[Depends(upload_size)], max_body_size=server.max_upload + (1 << 16))
     def upload(files: List[UploadFile] = File(...)):
         return server.add_case(files)
 
@@ -444,9 +460,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.delete(f'{API}/jobs/{{job_id}}')
     def cancel(job_id: str):
-        j = server.job(job_id)
-        j.cancel.set()
-        return j.public()
+        """Cancel a running or queued job; forget an ended one and its files."""
+        return server.forget(job_id).public()
 
     return app
 
@@ -469,17 +484,30 @@ def _token(path: Path, explicit: bool) -> tuple:
     return token, True
 
 
+def _alive(pid: int) -> bool:
+    if os.name == 'nt':  # os.kill(pid, 0) would send CTRL_C there
+        import ctypes
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
+        if not handle:
+            return False
+        try:
+            return kernel32.WaitForSingleObject(handle, 0) == 0x102  # WAIT_TIMEOUT: still running
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def _exit_with(pid: int, work: Path) -> None:
     """No orphans: when the process that started the server has gone, leave at once."""
     while True:
-        try:
-            os.kill(pid, 0)
-            gone = False
-        except ProcessLookupError:
-            gone = True
-        except PermissionError:  # alive, another user's
-            gone = False
-        if gone:
+        if not _alive(pid):
             shutil.rmtree(work, ignore_errors=True)
             os._exit(0)
         time.sleep(0.5)
@@ -523,10 +551,17 @@ def main(argv: Optional[List[str]] = None) -> int:
               'pass --ssl-certfile and --ssl-keyfile', file=sys.stderr)
     sock = socket.socket(socket.AF_INET6 if ':' in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        shutil.rmtree(server.work, ignore_errors=True)
+        print(f'error: cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port, or 0 for a free '
+              f'one', file=sys.stderr)
+        return 2
     sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
     scheme = 'https' if args.ssl_certfile else 'http'
-    print(json.dumps({'event': 'listening', 'url': f'{scheme}://{args.host}:{sock.getsockname()[1]}',
+    host = f'[{args.host}]' if ':' in args.host else args.host
+    print(json.dumps({'event': 'listening', 'url': f'{scheme}://{host}:{sock.getsockname()[1]}',
                       'token_file': str(token_file), **({'token': token} if new else {})}), flush=True)
     if args.parent_pid:
         threading.Thread(target=_exit_with, args=(args.parent_pid, server.work), daemon=True).start()

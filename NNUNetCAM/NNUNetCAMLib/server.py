@@ -125,6 +125,7 @@ class ServerRun:
                 raise RuntimeError(job['error'] or f'the server {job["status"]} the job')
             self.out.mkdir(parents=True, exist_ok=True)
             client.download(self._job, self.out, job['files'])
+            client.cancel(self._job)  # its files are here now
             if mask is not None:
                 client.delete_case(request['region']['mask'])
             self._rc = 0
