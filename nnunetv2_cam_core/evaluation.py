@@ -276,7 +276,9 @@ class CaseEvaluation:
 def mask_statistics(cam: np.ndarray, mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> dict:
     """Where a map (original geometry, peak 1) lies against a mask: its energy inside and in a ring of margin_mm
     around it, whether its maximum falls inside (pointing game), and the distance in mm between the centroid of the
-    map above half its maximum and the mask's. Zeros where the map or the mask is empty."""
+    map above half its maximum and the mask's. Zeros where the map or the mask is empty. Sums in float64 (float32
+    sums of the parts can exceed the whole's)."""
+    cam = np.asarray(cam, dtype=np.float64)
     total = float(cam.sum())
     if total <= 0 or not mask.any():
         return {'energy_in_mask': 0.0, 'energy_in_ring': 0.0, 'pointing_game': False, 'centroid_distance_mm': 0.0,
