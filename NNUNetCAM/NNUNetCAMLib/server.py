@@ -6,7 +6,7 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from .environment import ensure_core_importable
 from .process import CoreProcess
@@ -62,10 +62,10 @@ class LocalServer:
         process = CoreProcess(self.environment.command('serve', '--models', folder, '--port', '0', '--token-file',
                                                        token_file, '-device', self.device, '--parent-pid',
                                                        os.getpid()), self.environment.env())
-        listening = _wait_for(process, lambda e: e.get('event') == 'listening', self.start_timeout, event_pump)
+        listening, seen = _wait_for(process, lambda e: e.get('event') == 'listening', self.start_timeout, event_pump)
         if listening is None:
-            logs = [e['message'] for e in process.poll() if e.get('event') == 'log'][-1:]
             process.cancel()
+            logs = [e['message'] for e in seen + process.poll() if e.get('event') == 'log'][-1:]
             raise ServerStartError(f'the local explanation server did not start: {logs[0] if logs else "no output"}')
         self.process, self.started = process, started
         self.connection = ServerConnection(listening['url'],
@@ -79,17 +79,19 @@ class LocalServer:
         self.process = self.connection = self.started = None
 
 
-def _wait_for(process: CoreProcess, match, timeout: float, event_pump) -> Optional[dict]:
+def _wait_for(process: CoreProcess, match, timeout: float, event_pump) -> Tuple[Optional[dict], List[dict]]:
+    """The first event that matches (None if the process ended or the time ran out), and the events before it."""
     import time
-    deadline = time.monotonic() + timeout
+    deadline, seen = time.monotonic() + timeout, []
     while time.monotonic() < deadline and process.returncode is None:
         for e in process.poll():
             if match(e):
-                return e
+                return e, seen
+            seen.append(e)
         if event_pump:
             event_pump()
         time.sleep(0.05)
-    return None
+    return None, seen
 
 
 class ServerRun:
