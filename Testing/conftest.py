@@ -33,10 +33,11 @@ def kind_model(kind: str) -> Path:
     return build_kind(kind)
 
 
-def nnunet_predict(model: Path, inputs: Path, out: Path, folds, tta: bool, prev_stage: Path = None) -> Path:
+def nnunet_predict(model: Path, inputs: Path, out: Path, folds, tta: bool, prev_stage: Path = None,
+                   device: str = 'cpu') -> Path:
     """nnU-Net's own prediction, as a user runs it (a cascade stage with the previous stage's folder)."""
     cmd = ['nnUNetv2_predict_from_modelfolder', '-i', str(inputs), '-o', str(out), '-m', str(model),
-           '-f', *map(str, folds), '-device', 'cpu', '-npp', '1', '-nps', '1']
+           '-f', *map(str, folds), '-device', device, '-npp', '1', '-nps', '1']
     if prev_stage is not None:
         cmd += ['-prev_stage_predictions', str(prev_stage)]
     if not tta:
