@@ -1,13 +1,15 @@
 """What --evaluate costs against the plain run, on the 75-tile case (10 steps, 3 random seeds, sanity check on).
 
-    python benchmarks/evaluation_cost.py
+    python benchmarks/evaluation_cost.py                      # CPU, into results/evaluation/cost.json
+    python benchmarks/evaluation_cost.py --device cuda --out results/gpu/evaluation_cost.json
 
 In one process (start-up excluded), tiny 3d_fullres fold 0, no TTA, gradcam at the default layer (the last decoder stage), class
 lesion: the plain run over the 75 tiles, then the evaluation of one lesion (`--target-mask`: the predicted lesion
 nearest the centre, so the region needs a few tiles), then one re-prediction of the whole class's region (the
-lesions are spread over the scan), from which the evaluation of the whole class is extrapolated. Writes
-benchmarks/results/evaluation/cost.json and prints a table.
+lesions are spread over the scan), from which the evaluation of the whole class is extrapolated. Writes --out
+and prints a table.
 """
+import argparse
 import json
 import tempfile
 import time
@@ -25,14 +27,22 @@ from nnunetv2_cam_core.sliding_window import RegionPrediction
 from nnunetv2_cam_core.targets import predicted_mask
 
 
-def main() -> int:
-    torch.set_num_threads(2)
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--device', default='cpu')
+    ap.add_argument('--out', type=Path, default=Path(__file__).parent / 'results' / 'evaluation' / 'cost.json')
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == 'cpu':
+        torch.set_num_threads(2)
     model = model_folder(build_tiny_models(default_cache()))
     with tempfile.TemporaryDirectory() as tmp:
         case = write_sample_case(Path(tmp), seed=11, shape=(40, 144, 144), spacing=SPACING, objects=12, name='large')
-        pred = load_predictor(model, [0], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=False)
+        pred = load_predictor(model, [0], 'checkpoint_final.pth', device, use_mirroring=False)
         engine = CamEngine(pred, target_class='lesion')
         data, props, _, _ = engine.preprocess([str(case)])
+    if device.type == 'cuda':  # warm up (cuDNN's algorithm search) outside the timings
+        engine.run(data, props, keep_preprocessed=True)
     t = time.perf_counter()
     res = engine.run(data, props, keep_preprocessed=True)
     plain = time.perf_counter() - t
@@ -52,16 +62,15 @@ def main() -> int:
     predict([data] * (2 + settings.seeds))  # one step's variants: the map's deletion and insertion, each seed's
     per_prediction = (time.perf_counter() - t) / (2 + settings.seeds)
     predictions = 1 + (settings.steps - 1) * (2 + settings.seeds)
-    rows = {'tiles': res.info['tiles'], 'plain_run_s': round(plain, 2),
+    rows = {'device': str(device), 'tiles': res.info['tiles'], 'plain_run_s': round(plain, 2),
             'one_lesion': {'region_tiles': figures['region_tiles'], 'evaluate_s': round(one_lesion, 2),
                            'ratio_to_plain': round(one_lesion / plain, 2), 'predictions': ev.done},
             'whole_class': {'region_tiles': len(predict.tiles),
                             'one_prediction_s': round(per_prediction, 2),
                             'curves_s_extrapolated': round(predictions * per_prediction, 1),
                             'ratio_to_plain_extrapolated': round(predictions * per_prediction / plain, 1)}}
-    out = Path(__file__).parent / 'results' / 'evaluation'
-    out.mkdir(parents=True, exist_ok=True)
-    (out / 'cost.json').write_text(json.dumps(rows, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2))
     print(json.dumps(rows, indent=2))
     return 0
 

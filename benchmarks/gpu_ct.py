@@ -3,7 +3,7 @@
 of benchmarks/run.py on it. Unattended, well under 10 minutes on one GPU:
 
     python benchmarks/gpu_ct.py --out benchmarks/results/gpu
-    python benchmarks/gpu_ct.py --size 64 --patch 32 --device cpu --quick   # a smoke run without a GPU
+    python benchmarks/gpu_ct.py --size 96 --patch 64 --device cpu --quick   # a smoke run without a GPU
 """
 import argparse
 import json
@@ -104,10 +104,10 @@ def main(argv=None) -> int:
         from nnunetv2_cam_core.demo import default_cache
         old_py, why = (None, 'skipped (--no-old-tool)') if args.no_old_tool else \
             bench.old_tool_python(default_cache().parent)
-        rows = []
+        rows, machine = [], bench.machine_name(args.device)
         bench.bench_model(f'6-stage PlainConvUNet, {args.size}^3, patch {args.patch}^3', model, case, args.device,
-                          rows, work / 'runs', old_py, why, args.quick)
-    bench.write_report(rows, [], args.out, bench.machine_name(args.device))
+                          rows, work / 'runs', old_py, why, args.quick,
+                          on_row=lambda: bench.write_report(rows, [], args.out, machine))
     print((args.out / 'report.md').read_text())
     return 0
 

@@ -61,7 +61,14 @@ def timed(cmd, env=None) -> dict:
 
 
 def old_tool_python(cache: Path):
-    """nnunetv2-cam 0.1.6.1 in its own venv; it shares this venv's torch/nnU-Net through a .pth (no 5 GB copy)."""
+    """nnunetv2-cam 0.1.6.1 in its own venv; it shares this venv's torch/nnU-Net through a .pth (no 5 GB copy).
+    Where this Python already has it (a machine without a package index, given the wheel), this Python."""
+    from importlib import metadata
+    try:
+        if metadata.version('nnunetv2-cam') == OLD_TOOL.split('==')[1]:
+            return Path(sys.executable), None
+    except metadata.PackageNotFoundError:
+        pass
     venv = cache / 'venv-nnunetv2-cam-0.1.6.1'
     py = venv / 'bin' / 'python'
     if not (venv / '.complete').is_file():
@@ -105,8 +112,9 @@ def old_cmd(py, model, case_dir, out, folds, tta, layer, method, cls, device):
     return cmd + (['--disable-tta'] if not tta else [])
 
 
-def bench_model(name, model, case, device, rows, work, old_py, old_why, quick):
-    """The comparison for one model and case; rows vary layer, method, TTA, folds and classes."""
+def bench_model(name, model, case, device, rows, work, old_py, old_why, quick, on_row=None):
+    """The comparison for one model and case; rows vary layer, method, TTA, folds and classes. on_row(): after
+    each row (a report so far, should a later row not finish)."""
     import torch
     from nnunetv2_cam_core.layers import bottleneck, decoder_stages
     from nnunetv2_cam_core.model import load_predictor
@@ -139,8 +147,9 @@ def bench_model(name, model, case, device, rows, work, old_py, old_why, quick):
             r['tiles'] = side['tiles']
             r['tiles_per_s'] = round(side['tiles'] / r['wall_s'], 2)
         row = {'model': name, 'device': device, **{k: v for k, v in s.items()}, 'predict': base, 'ours': r,
-               'ratio_vs_predict': round(r['wall_s'] / base['wall_s'], 3) if r['rc'] == 0 else None,
-               'rss_ratio_vs_predict': round(r['peak_rss_mb'] / base['peak_rss_mb'], 3) if r['rc'] == 0 else None}
+               'ratio_vs_predict': round(r['wall_s'] / base['wall_s'], 3) if r['rc'] == base['rc'] == 0 else None,
+               'rss_ratio_vs_predict':
+                   round(r['peak_rss_mb'] / base['peak_rss_mb'], 3) if r['rc'] == base['rc'] == 0 else None}
         comparable = s['method'] in ('gradcam', 'gradcam++') and len(s['classes']) == 1 and len(s['folds']) == 1
         if old_py is not None and comparable and not s['tta']:  # its TTA runs 8 extra mask forwards per tile
             o = timed(old_cmd(old_py, model, case.parent, work / 'old', s['folds'], s['tta'], layers[s['layer']],
@@ -154,6 +163,8 @@ def bench_model(name, model, case, device, rows, work, old_py, old_why, quick):
         rows.append(row)
         print(json.dumps({k: row[k] for k in ('model', 'layer', 'method', 'tta', 'folds', 'classes',
                                                'ratio_vs_predict')}), flush=True)
+        if on_row:
+            on_row()
 
 
 def scaling(model, device, work, quick) -> list:
@@ -186,8 +197,9 @@ def write_report(rows, points, out: Path, machine: str) -> None:
         p, o, old = r['predict'], r['ours'], r.get('old_tool', {})
         old_cell = cell(old) if old.get('rc') == 0 else (f'failed: {old["error"]}' if old.get('error') else '-')
         ours_cell = cell(o) if o['rc'] == 0 else f'failed: {o["error"]}'
+        predict_cell = cell(p) if p['rc'] == 0 else f'failed: {p["error"]}'
         lines.append(f'| {r["model"]} | {r["layer"]} | {r["method"]} | {"on" if r["tta"] else "off"} | '
-                     f'{" ".join(r["folds"])} | {len(r["classes"])} | {cell(p)} | '
+                     f'{" ".join(r["folds"])} | {len(r["classes"])} | {predict_cell} | '
                      f'{ours_cell} | {r["ratio_vs_predict"]} | {o.get("tiles_per_s", "-")} | {old_cell} | '
                      f'{r.get("speedup_vs_old_tool", "-")} |')
     lines += ['', 'Whole processes, timed with GNU time; RSS is the largest single process. Ratio: NNUNetCAM wall '
