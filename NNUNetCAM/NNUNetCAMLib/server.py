@@ -25,6 +25,10 @@ class ServerConnection:
         self.url, self.client = url, ServerClient(url, token)
         self.cases: Dict[tuple, str] = {}
 
+    def models(self) -> List[str]:
+        """The ids of the models it serves."""
+        return [m['id'] for m in self.client.models()]
+
     def model_info(self, model: str) -> dict:
         """describe_model of the server's model `model` (its id there)."""
         for m in self.client.models():
@@ -38,6 +42,25 @@ class ServerConnection:
         loaded = ', '.join(f'{Path(m["model"]).name} folds {" ".join(map(str, m["folds"]))}'
                            for m in h['models_loaded']) or 'no model loaded'
         return f'{self.url} on {h["device"]}: {loaded}; {h["cases"]} case(s) cached'
+
+
+def connect_server(url: str, token_file: str) -> ServerConnection:
+    """A running server from its URL and the file holding its token. The token is read now and kept in memory
+    only (not in the scene, not in the settings); the server is asked once, so a wrong URL or token fails here."""
+    if not url.strip():
+        raise ValueError('give the server\'s URL, e.g. http://gpu-server:8000 (nnunetv2_cam serve prints it)')
+    try:
+        token = Path(token_file).read_text().strip() if token_file else ''
+    except OSError as e:
+        raise ValueError(f'cannot read the token file {token_file} ({e.strerror or e}); give a copy of the file the '
+                         f'server wrote (--token-file)') from None
+    if not token:
+        raise ValueError('give the file holding the server\'s token: a copy of the one it wrote (--token-file)')
+    connection = ServerConnection(url.strip(), token)
+    connection.client.timeout, timeout = 10, connection.client.timeout  # an unreachable host: 10 s, not 60
+    connection.client.health()
+    connection.client.timeout = timeout
+    return connection
 
 
 class LocalServer:
