@@ -22,10 +22,12 @@ from NNUNetCAMLib import (COLORMAPS, DEFAULT_COLORMAP, DisplayOptions, NNUNetCAM
 from NNUNetCAMLib import display, evaluation
 from NNUNetCAMLib.logic import LAYER_TOOLTIP, stdout_json
 from NNUNetCAMLib.process import run_to_end, stdout_of
-from NNUNetCAMLib.server import ServerStartError
+from NNUNetCAMLib.server import ServerStartError, connect_server
 
 PYTHON_SETTING = 'NNUNetCAM/python'  # '' = Slicer's own Python
-COMPUTE_ON = ['this computer', 'a new process per run']
+SERVER_URL_SETTING = 'NNUNetCAM/serverUrl'
+SERVER_TOKEN_FILE_SETTING = 'NNUNetCAM/serverTokenFile'  # the file's path; the token stays in memory
+COMPUTE_ON = ['this computer', 'a new process per run', 'a server']
 
 
 def savedEnvironment() -> PythonEnvironment:
@@ -87,6 +89,8 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._foldBoxes = []
         self._run = None
         self._started = 0.0
+        self._connection = None  # a remote server (Compute on: a server), after Connect
+        self._remoteShown = False
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -116,6 +120,12 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.pythonPathLineEdit.connect('currentPathChanged(QString)', self.onEnvironmentChanged)
         self.ui.checkEnvironmentButton.connect('clicked(bool)', self.onCheckEnvironment)
         self.ui.installButton.connect('clicked(bool)', self.onInstall)
+        self.ui.computeOnComboBox.connect('currentTextChanged(QString)', self.onComputeOnChanged)
+        self.ui.connectServerButton.connect('clicked(bool)', self.onConnectServer)
+        self.ui.serverModelComboBox.connect('currentTextChanged(QString)', self.onServerModelChanged)
+        self.ui.serverUrlLineEdit.text = qt.QSettings().value(SERVER_URL_SETTING) or ''
+        self.ui.serverTokenFilePathLineEdit.currentPath = qt.QSettings().value(SERVER_TOKEN_FILE_SETTING) or ''
+        self._showServerWidgets(False)
 
         python = qt.QSettings().value(PYTHON_SETTING) or ''
         self.ui.customPythonRadioButton.setChecked(bool(python))
@@ -183,18 +193,28 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateApply()
 
     # --- model folder: info now, layers and methods from the core in the background ---
+    def remote(self) -> bool:
+        return self.ui.computeOnComboBox.currentText == COMPUTE_ON[2]
+
     def onModelFolderChanged(self, folder):
+        if self.remote():
+            return
+        self._showModel(folder and (lambda: model_info(folder)))
+
+    def _showModel(self, describe):
+        """The model's classes, channels, folds and layers in the panel; describe() gives its info (None: no model)."""
         self._info = None
         self.ui.targetClassComboBox.clear()
         self.ui.targetLayerComboBox.clear()
         for box in self._foldBoxes:
             box.deleteLater()
         self._foldBoxes = []
-        if not folder:
+        if not describe:
+            self.ui.modelInfoLabel.text = ''
             self.updateApply()
             return
         try:
-            self._info = model_info(folder)
+            self._info = describe()
         except Exception as e:
             self.ui.modelInfoLabel.text = f'<span style="color:#c0392b">{e}</span>'
             self.updateApply()
@@ -207,7 +227,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                            f'(channelVolumes=...).')
             self.updateApply()
             return
-        if self._parameterNode:
+        if self._parameterNode and not self.remote():
             self._parameterNode.modelFolder = info['folder']
         self.ui.modelInfoLabel.text = (
             f'{info["dataset"]}, {info["configuration"]}, folds {", ".join(map(str, info["folds"])) or "none"}; '
@@ -230,10 +250,16 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.foldsLayout.addWidget(box)
             self._foldBoxes.append(box)
         self.ui.targetLayerComboBox.blockSignals(True)  # keep the saved layer until the list arrives
-        self.ui.targetLayerComboBox.addItem('last decoder stage (listing layers...)', 'last_decoder')
+        if self.remote():  # the network is on the server: the layers every model has
+            self.ui.targetLayerComboBox.addItem('last decoder stage', 'last_decoder')
+            self.ui.targetLayerComboBox.addItem('bottleneck', 'bottleneck')
+            self.ui.targetLayerComboBox.toolTip = LAYER_TOOLTIP
+        else:
+            self.ui.targetLayerComboBox.addItem('last decoder stage (listing layers...)', 'last_decoder')
+            folder = self.ui.modelFolderPathLineEdit.currentPath
+            self.logic.callCore(['--list-layers', '-m', info['folder'], '-device', 'cpu', '--progress', 'json'],
+                                lambda rc, events: self.onLayersListed(folder, rc, events))
         self.ui.targetLayerComboBox.blockSignals(False)
-        self.logic.callCore(['--list-layers', '-m', info['folder'], '-device', 'cpu', '--progress', 'json'],
-                            lambda rc, events: self.onLayersListed(folder, rc, events))
         if self.ui.methodComboBox.count == 1:
             self.logic.callCore(['--list-methods', '--progress', 'json'], self.onMethodsListed)
         self.updateApply()
@@ -243,7 +269,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 (self.ui.channel3Label, self.ui.channel3Selector)]
 
     def onLayersListed(self, folder, rc, events):
-        if folder != self.ui.modelFolderPathLineEdit.currentPath:
+        if folder != self.ui.modelFolderPathLineEdit.currentPath or self.remote():
             return
         combo = self.ui.targetLayerComboBox
         try:
@@ -296,12 +322,68 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateApply(self, caller=None, event=None):
         running = self._run is not None and self._run.running
-        ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._info and self.selectedFolds())
-        self.ui.applyButton.enabled = running or ready
+        p = self._parameterNode
+        ready = bool(p and p.inputVolume and self._info and self.selectedFolds())
+        local_only = bool(p and p.computeOn == COMPUTE_ON[2] and (p.evaluate or p.foldSpread))
+        self.ui.applyButton.enabled = running or (ready and not local_only)
         self.ui.applyButton.text = 'Cancel' if running else 'Apply'
         self.ui.applyButton.toolTip = ('Stop the run; nothing is added to the scene.' if running else
+                                       'The evaluation and the fold spread run on this computer: untick them, or '
+                                       'compute on this computer.' if local_only else
                                        'Segment the volume and compute the CAM.' if ready else
                                        'Select an input volume, a model folder and at least one fold.')
+
+    # --- compute on a server ---
+    def _showServerWidgets(self, remote: bool):
+        for w in (self.ui.serverUrlLabel, self.ui.serverUrlLineEdit, self.ui.serverTokenFileLabel,
+                  self.ui.serverTokenFilePathLineEdit, self.ui.connectServerButton, self.ui.serverModelLabel,
+                  self.ui.serverModelComboBox):
+            w.visible = remote
+        self.ui.modelFolderLabel.visible = self.ui.modelFolderPathLineEdit.visible = not remote
+
+    def onComputeOnChanged(self, text):
+        """Only a switch between a model folder and a server's model changes the model (the parameter node's
+        connector clears and refills the list on every enter())."""
+        remote = text == COMPUTE_ON[2]
+        if not text or remote == self._remoteShown:
+            return
+        self._remoteShown = remote
+        self._showServerWidgets(remote)
+        if remote:
+            self.ui.serverStatusLabel.text = f'Server: {self._connection.url}' if self._connection else \
+                'Give the server\'s URL and token file, then Connect.'
+            self.onServerModelChanged(self.ui.serverModelComboBox.currentText)
+        else:
+            self.ui.serverStatusLabel.text = ''
+            self.onModelFolderChanged(self.ui.modelFolderPathLineEdit.currentPath)
+
+    def onConnectServer(self):
+        url, tokenFile = self.ui.serverUrlLineEdit.text, self.ui.serverTokenFilePathLineEdit.currentPath
+        self._connection = None
+        self.ui.serverModelComboBox.clear()
+        self.ui.connectServerButton.enabled = False  # WaitCursor processes events: no second click meanwhile
+        try:
+            with slicer.util.WaitCursor():
+                connection = connect_server(url, tokenFile)
+                models = connection.models()
+        except Exception as e:
+            self.ui.serverStatusLabel.text = f'<span style="color:#c0392b">Not connected: {e}</span>'
+            return
+        finally:
+            self.ui.connectServerButton.enabled = True
+        qt.QSettings().setValue(SERVER_URL_SETTING, url.strip())
+        qt.QSettings().setValue(SERVER_TOKEN_FILE_SETTING, tokenFile)
+        self._connection = connection
+        self.ui.serverStatusLabel.text = f'Server: {connection.status()}'
+        self.ui.serverModelComboBox.addItems(models)
+        if not models:
+            self.ui.modelInfoLabel.text = 'The server serves no model (its --models folders hold none).'
+
+    def onServerModelChanged(self, model):
+        if not self.remote():
+            return
+        connection = self._connection
+        self._showModel(connection and model and (lambda: connection.model_info(model)))
 
     # --- run ---
     def onApply(self):
@@ -322,12 +404,15 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.show()
         self._started = time.monotonic()
         # the evaluation and the fold spread run in a process of their own
-        server = 'local' if p.computeOn == COMPUTE_ON[0] and not (p.evaluate or p.foldSpread) else None
-        if server:
+        remote = p.computeOn == COMPUTE_ON[2]
+        server = self._connection if remote else \
+            'local' if p.computeOn == COMPUTE_ON[0] and not (p.evaluate or p.foldSpread) else None
+        model = self.ui.serverModelComboBox.currentText if remote else self._info['folder']
+        if server == 'local':
             self.ui.serverStatusLabel.text = 'Starting the server on this computer...' \
                 if self.logic.serverStatus() == 'not started' else self.ui.serverStatusLabel.text
         run = lambda server: self.logic.run(  # noqa: E731
-            p.inputVolume, self._info['folder'], targetClass=self.ui.targetClassComboBox.currentText,
+            p.inputVolume, model, targetClass=self.ui.targetClassComboBox.currentText,
             method=p.method, layers=[p.targetLayer], folds=self.selectedFolds(), device=p.device, tta=p.tta,
             channelVolumes=channels, targetSegmentation=segmentation if segmentId else None,
             targetSegmentId=segmentId, targetRoi=p.targetRoi if not segmentId else None,
@@ -364,7 +449,8 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                     + ''.join(f'\n{line}' for line in sanity))
         self._parameterNode.camVolume = next(iter(result.cams.values()))
         if 'server' in result.sidecar:
-            self.ui.serverStatusLabel.text = f'Server: {self.logic.serverStatus()}'
+            self.ui.serverStatusLabel.text = \
+                f'Server: {self.logic.serverStatus(self._connection if self.remote() else "local")}'
         self.updateApply()
 
     def onError(self, message):

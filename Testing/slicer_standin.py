@@ -153,6 +153,21 @@ class QPushButton(QWidget):
     text = ''
 
 
+class QLineEdit(QWidget):
+    SIGNALS = ('textChanged(QString)',)
+    _text = ''
+
+    @property
+    def text(self):
+        return self._text
+
+    @text.setter
+    def text(self, text):
+        if text != self._text:
+            self._text = text
+            self.textChanged.emit(text)
+
+
 class QProgressBar(QWidget):
     value = 0
 
@@ -350,7 +365,7 @@ class Qt:
     ToolTipRole, UserRole = 3, 256
 
 
-WIDGETS = {c.__name__: c for c in (QWidget, QLabel, QPushButton, QProgressBar, QPlainTextEdit, QCheckBox, QRadioButton,
+WIDGETS = {c.__name__: c for c in (QWidget, QLabel, QLineEdit, QPushButton, QProgressBar, QPlainTextEdit, QCheckBox, QRadioButton,
                                    QComboBox, ctkCollapsibleButton, ctkPathLineEdit, ctkSliderWidget, qMRMLWidget,
                                    qMRMLNodeComboBox, qMRMLSegmentSelectorWidget)}
 LAYOUTS = ('QVBoxLayout', 'QHBoxLayout', 'QFormLayout')

@@ -928,3 +928,66 @@ def test_a_server_that_cannot_start_says_why_and_the_panel_runs_a_process(monkey
     assert ui.serverStatusLabel.text == 'Server not started: the local explanation server did not start: No module ' \
                                         'named fastapi'
     widget.cleanup()
+
+
+def test_panel_computes_on_a_remote_server_with_its_url_and_token_file(monkeypatch, scene, input_volume, model3d,
+                                                                        results_dir, tmp_path):
+    """Compute on 'a server': URL and token file (remembered: the URL and the file's path, never the token, and
+    nothing of it in the scene); a wrong token is one line in the status; Connect lists the server's models, the
+    classes and folds come from the server, the evaluation (local only) is refused before Apply, and Apply runs
+    there and loads the results on the input's grid."""
+    token_file = tmp_path / 'token'
+    proc = subprocess.Popen([sys.executable, '-m', 'nnunetv2_cam_core', 'serve', '--models', str(results_dir),
+                             '--port', '0', '--token-file', str(token_file), '-device', 'cpu'],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        listening = json.loads(proc.stdout.readline())
+        token = token_file.read_text().strip()
+        app = install_app(monkeypatch, scene, tmp_path, 'main')
+        widget = open_panel(load_module())
+        ui, node = widget.ui, widget._parameterNode
+        assert not ui.serverUrlLineEdit.visible and ui.modelFolderPathLineEdit.visible
+        ui.computeOnComboBox.currentText = 'a server'
+        assert node.computeOn == 'a server' and ui.serverUrlLineEdit.visible and ui.serverModelComboBox.visible
+        assert not ui.modelFolderPathLineEdit.visible and not ui.applyButton.enabled
+        wrong = tmp_path / 'wrong'
+        wrong.write_text('0' * 64)
+        ui.serverUrlLineEdit.text = listening['url']
+        ui.serverTokenFilePathLineEdit.currentPath = str(wrong)
+        ui.connectServerButton.clicked.emit(False)
+        assert 'Not connected: server: 401' in ui.serverStatusLabel.text and ui.serverModelComboBox.count == 0
+        ui.serverTokenFilePathLineEdit.currentPath = str(token_file)
+        ui.connectServerButton.clicked.emit(False)
+        assert ui.serverStatusLabel.text.startswith(f'Server: {listening["url"]}')
+        model = str(model3d.relative_to(results_dir))
+        ui.serverModelComboBox.currentText = model
+        assert ui.serverModelComboBox.currentText == model
+        assert [ui.targetClassComboBox.items[i][0] for i in range(ui.targetClassComboBox.count)] == \
+            ['lesion', 'organ'] and [b.text for b in widget._foldBoxes] == ['0', '1']
+        node.inputVolume, node.device, node.tta, node.targetClass = input_volume, 'cpu', False, 'lesion'
+        for box in widget._foldBoxes[1:]:
+            box.checked = False
+        assert ui.applyButton.enabled
+        node.evaluate = True  # runs on this computer only
+        assert not ui.applyButton.enabled and 'run on this computer' in ui.applyButton.toolTip
+        node.evaluate = False
+        ui.applyButton.clicked.emit(False)
+        app.runPending(seconds=300)
+        assert ui.statusLabel.text.startswith('Done'), (ui.statusLabel.text, app.dialogs)
+        result = widget._run.result
+        assert result.sidecar['server']['reused'] is not None and result.sidecar['folds'] == [0]
+        cam = result.cams['lesion']
+        assert cam.GetImageData().GetDimensions() == input_volume.GetImageData().GetDimensions()
+        assert '1 case(s) cached' in ui.serverStatusLabel.text
+        assert app.settings['NNUNetCAM/serverUrl'] == listening['url']
+        assert app.settings['NNUNetCAM/serverTokenFile'] == str(token_file)
+        assert token not in json.dumps(app.settings)
+        saved = tmp_path / 'scene.mrml'
+        scene.SetURL(str(saved))
+        assert scene.Commit()
+        assert token not in saved.read_text()
+        widget.cleanup()
+        assert proc.poll() is None and app.slotErrors == []  # a remote server is not ours to stop
+    finally:
+        proc.terminate()
+        proc.wait(10)
