@@ -104,8 +104,7 @@ def test_a_real_out_of_memory_error_is_retried_with_one_graph(ct_tile):
     between the two, the run hits CUDA's own out-of-memory error and redoes the case with results on the CPU and
     one graph at a time. Logits as the uncapped run's; maps as the --low-memory run's and the joint one's, up to
     float16 rounding, which a deep backward through this random network amplifies (12 % of the peak at most between
-    joint and one-at-a-time on the H200; r 0.98 between float16 and float32 on a CPU; README "GPU"), so compared
-    by correlation."""
+    joint and one-at-a-time on the H200; README "On a GPU"), so compared by correlation."""
     pred, engine, nets, data = ct_tile
     spec = CamSpec(engine.method, engine.layers, engine.targets, region='all')
     joint, joint_mb = peak_mb(lambda: sliding_window_cam(pred, nets, data, spec))
