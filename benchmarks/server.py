@@ -4,7 +4,8 @@
 
 tiny 3d_fullres fold 0, no TTA, gradcam at the default layer. First explanation through the server (model load and
 preprocessing included), another class and another method on the cached case, a box around one object (a few tiles), and the
-server's peak RSS with the case cached against a CLI run's. Writes benchmarks/results/server.json.
+server's peak RSS with the case cached against a CLI run's. Then ten cases explained one after the other on a server whose
+--cache-mb holds about four: the cache's bytes after each, and the peak RSS. Writes benchmarks/results/server.json.
 """
 import json
 import resource
@@ -31,6 +32,49 @@ def timed(client, model, case, **request):
     return round(seconds, 2), sidecar['tiles']
 
 
+def start(results: Path, tmp: Path, *extra) -> tuple:
+    server = subprocess.Popen([sys.executable, '-m', 'nnunetv2_cam_core', 'serve', '--models', str(results),
+                               '--port', '0', '--token-file', str(tmp / 'token'), '-device', 'cpu', *extra],
+                              stdout=subprocess.PIPE, text=True)
+    url = json.loads(server.stdout.readline())['url']
+    return server, ServerClient(url, (tmp / 'token').read_text().strip())
+
+
+def peak_rss_mb(pid: int) -> float:
+    return int(next(line for line in Path(f'/proc/{pid}/status').read_text().splitlines()
+                    if line.startswith('VmHWM')).split()[1]) / 1024
+
+
+def ten_cases(results: Path, model_id: str, tmp: Path) -> dict:
+    """Ten small cases (the demo's sample, other seeds) on a server whose cache holds about four."""
+    cases = [write_sample_case(tmp / f'c{i}', seed=100 + i, name=f'c{i}') for i in range(10)]
+    server, client = start(results, tmp / 'c0')  # one case alone: its bytes in the cache
+    try:
+        timed(client, model_id, client.upload([str(cases[0])]), classes=['lesion'])
+        one_case_mb = client.health()['cache_bytes'] / 1024 ** 2
+    finally:
+        server.terminate()
+        server.wait(10)
+    limit_mb = round(4.5 * one_case_mb, 1)
+    server, client = start(results, tmp / 'c1', '--cache-mb', str(limit_mb))
+    try:
+        cached, held, rss_after_one = [], [], None
+        for case in cases:
+            timed(client, model_id, client.upload([str(case)]), classes=['lesion'])
+            h = client.health()
+            cached.append(round(h['cache_bytes'] / 1024 ** 2, 1))
+            held.append(h['cases'])
+            rss_after_one = rss_after_one or peak_rss_mb(server.pid)
+        rss = peak_rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(10)
+    return {'one_case_cache_mb': round(one_case_mb, 1), 'cache_limit_mb': limit_mb,
+            'cache_mb_after_each_case': cached, 'cases_uploaded_after_each': held,
+            'within_limit': all(c <= limit_mb for c in cached),
+            'peak_rss_mb_after_one_case': round(rss_after_one), 'peak_rss_mb_after_ten': round(rss)}
+
+
 def main() -> int:
     results = build_tiny_models(default_cache())
     model = model_folder(results)
@@ -43,13 +87,9 @@ def main() -> int:
                         '--progress', 'none'], check=True)
         cli_s = time.perf_counter() - t
         cli_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        server = subprocess.Popen([sys.executable, '-m', 'nnunetv2_cam_core', 'serve', '--models', str(results),
-                                   '--port', '0', '--token-file', str(tmp / 'token'), '-device', 'cpu'],
-                                  stdout=subprocess.PIPE, text=True)
+        server, client = start(results, tmp)
+        model_id = str(model.relative_to(results))
         try:
-            url = json.loads(server.stdout.readline())['url']
-            client = ServerClient(url, (tmp / 'token').read_text().strip())
-            model_id = str(model.relative_to(results))
             case_id = client.upload([str(case)])
             first = timed(client, model_id, case_id, classes=['lesion'])
             other = timed(client, model_id, case_id, classes=['organ'])
@@ -59,11 +99,11 @@ def main() -> int:
             z, y, x = (int(v) for v in np.unravel_index(int(np.argmax(img)), img.shape))
             box = timed(client, model_id, case_id, classes=['lesion'],
                         region={'kind': 'box', 'box': [[x - 3, y - 3, z - 2], [x + 3, y + 3, z + 2]]})
-            rss = int(next(line for line in Path(f'/proc/{server.pid}/status').read_text().splitlines()
-                           if line.startswith('VmHWM')).split()[1]) / 1024
+            rss = peak_rss_mb(server.pid)
         finally:
             server.terminate()
             server.wait(10)
+        many = ten_cases(results, model_id, tmp)
     rows = {'tiles': first[1], 'cli_run_s': round(cli_s, 2),
             'first_explanation_s': first[0],
             'another_class_cached_s': other[0], 'another_class_tiles': other[1],
@@ -72,7 +112,7 @@ def main() -> int:
             'another_method_ratio': round(method[0] / first[0], 2),
             'box_s': box[0], 'box_tiles': box[1], 'box_ratio': round(box[0] / first[0], 2),
             'cli_peak_rss_mb': round(cli_rss), 'server_peak_rss_mb': round(rss),
-            'rss_ratio': round(rss / cli_rss, 2)}
+            'rss_ratio': round(rss / cli_rss, 2), 'ten_cases': many}
     out = Path(__file__).parent / 'results'
     (out / 'server.json').write_text(json.dumps(rows, indent=2))
     print(json.dumps(rows, indent=2))
