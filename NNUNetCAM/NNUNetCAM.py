@@ -249,17 +249,21 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             box.connect('toggled(bool)', lambda checked: self.updateApply())
             self.ui.foldsLayout.addWidget(box)
             self._foldBoxes.append(box)
-        self.ui.targetLayerComboBox.blockSignals(True)  # keep the saved layer until the list arrives
-        if self.remote():  # the network is on the server: the layers every model has
-            self.ui.targetLayerComboBox.addItem('last decoder stage', 'last_decoder')
-            self.ui.targetLayerComboBox.addItem('bottleneck', 'bottleneck')
-            self.ui.targetLayerComboBox.toolTip = LAYER_TOOLTIP
+        combo = self.ui.targetLayerComboBox
+        combo.blockSignals(True)  # keep the saved layer until the list arrives
+        if self.remote():  # the network is on the server: the layers every model has; the saved one if it is one
+            combo.addItem('last decoder stage', 'last_decoder')
+            combo.addItem('bottleneck', 'bottleneck')
+            combo.currentIndex = max(combo.findData(self._parameterNode.targetLayer if self._parameterNode else ''), 0)
+            combo.toolTip = LAYER_TOOLTIP
         else:
             self.ui.targetLayerComboBox.addItem('last decoder stage (listing layers...)', 'last_decoder')
             folder = self.ui.modelFolderPathLineEdit.currentPath
             self.logic.callCore(['--list-layers', '-m', info['folder'], '-device', 'cpu', '--progress', 'json'],
                                 lambda rc, events: self.onLayersListed(folder, rc, events))
-        self.ui.targetLayerComboBox.blockSignals(False)
+        combo.blockSignals(False)
+        if self.remote():
+            self.onTargetLayerChanged(combo.currentIndex)
         if self.ui.methodComboBox.count == 1:
             self.logic.callCore(['--list-methods', '--progress', 'json'], self.onMethodsListed)
         self.updateApply()

@@ -880,7 +880,7 @@ def test_panel_computes_on_this_computer_and_explains_here(monkeypatch, scene, i
     app.runPending(seconds=300)
     assert ui.statusLabel.text.startswith('Done'), (ui.statusLabel.text, app.dialogs)
     full = widget._run.result.sidecar
-    assert ui.serverStatusLabel.text.startswith('Server: http://127.0.0.1') and '1 case(s) cached' in \
+    assert ui.serverStatusLabel.text.startswith('Server: http://127.0.0.1') and '1 case(s) uploaded' in \
         ui.serverStatusLabel.text
     pid = widget.logic.localServer.process.pid
     arr = slicer.util.arrayFromVolume(input_volume)
@@ -960,10 +960,12 @@ def test_panel_computes_on_a_remote_server_with_its_url_and_token_file(monkeypat
         ui.connectServerButton.clicked.emit(False)
         assert ui.serverStatusLabel.text.startswith(f'Server: {listening["url"]}')
         model = str(model3d.relative_to(results_dir))
+        node.targetLayer = 'decoder.stages.1'  # saved from a local model: not offered for a server's model
         ui.serverModelComboBox.currentText = model
         assert ui.serverModelComboBox.currentText == model
         assert [ui.targetClassComboBox.items[i][0] for i in range(ui.targetClassComboBox.count)] == \
             ['lesion', 'organ'] and [b.text for b in widget._foldBoxes] == ['0', '1']
+        assert ui.targetLayerComboBox.currentText == 'last decoder stage' and node.targetLayer == 'last_decoder'
         node.inputVolume, node.device, node.tta, node.targetClass = input_volume, 'cpu', False, 'lesion'
         for box in widget._foldBoxes[1:]:
             box.checked = False
@@ -975,10 +977,10 @@ def test_panel_computes_on_a_remote_server_with_its_url_and_token_file(monkeypat
         app.runPending(seconds=300)
         assert ui.statusLabel.text.startswith('Done'), (ui.statusLabel.text, app.dialogs)
         result = widget._run.result
-        assert result.sidecar['server']['reused'] is not None and result.sidecar['folds'] == [0]
+        assert result.sidecar['server']['target_mask'] == 'tile ensemble' and result.sidecar['folds'] == [0]
         cam = result.cams['lesion']
         assert cam.GetImageData().GetDimensions() == input_volume.GetImageData().GetDimensions()
-        assert '1 case(s) cached' in ui.serverStatusLabel.text
+        assert '1 case(s) uploaded' in ui.serverStatusLabel.text
         assert app.settings['NNUNetCAM/serverUrl'] == listening['url']
         assert app.settings['NNUNetCAM/serverTokenFile'] == str(token_file)
         assert token not in json.dumps(app.settings)

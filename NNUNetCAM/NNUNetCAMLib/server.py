@@ -24,24 +24,27 @@ class ServerConnection:
         from nnunetv2_cam_core.client import ServerClient
         self.url, self.client = url, ServerClient(url, token)
         self.cases: Dict[tuple, str] = {}
+        self._listing: List[dict] = []
 
     def models(self) -> List[str]:
-        """The ids of the models it serves."""
-        return [m['id'] for m in self.client.models()]
+        """The ids of the models it serves (asked again here; model_info uses the last answer)."""
+        self._listing = self.client.models()
+        return [m['id'] for m in self._listing]
 
     def model_info(self, model: str) -> dict:
         """describe_model of the server's model `model` (its id there)."""
-        for m in self.client.models():
+        listing = self._listing or self.client.models()
+        for m in listing:
             if m['id'] == model:
                 return m['info']
         raise ValueError(f'the server at {self.url} has no model {model!r}; it serves: '
-                         f'{", ".join(m["id"] for m in self.client.models()) or "none"}')
+                         f'{", ".join(m["id"] for m in listing) or "none"}')
 
     def status(self) -> str:
         h = self.client.health()
         loaded = ', '.join(f'{Path(m["model"]).name} folds {" ".join(map(str, m["folds"]))}'
                            for m in h['models_loaded']) or 'no model loaded'
-        return f'{self.url} on {h["device"]}: {loaded}; {h["cases"]} case(s) cached'
+        return f'{self.url} on {h["device"]}: {loaded}; {h["cases"]} case(s) uploaded'
 
 
 def connect_server(url: str, token_file: str) -> ServerConnection:
