@@ -278,8 +278,7 @@ def mask_statistics(cam: np.ndarray, mask: np.ndarray, spacing: Sequence[float],
     around it, whether its maximum falls inside (pointing game), and the distance in mm between the centroid of the
     map above half its maximum and the mask's. Zeros where the map or the mask is empty. Sums in float64 (float32
     sums of the parts can exceed the whole's)."""
-    cam = np.asarray(cam, dtype=np.float64)
-    total = float(cam.sum())
+    total = float(cam.sum(dtype=np.float64))
     if total <= 0 or not mask.any():
         return {'energy_in_mask': 0.0, 'energy_in_ring': 0.0, 'pointing_game': False, 'centroid_distance_mm': 0.0,
                 'mask_voxels': int(mask.sum())}
@@ -287,7 +286,8 @@ def mask_statistics(cam: np.ndarray, mask: np.ndarray, spacing: Sequence[float],
     ring = dilate(mask, sampling, margin_mm) & ~mask
     hot = cam >= 0.5 * cam.max()
     centre = lambda m: np.array(ndimage.center_of_mass(m)) * np.array(sampling)  # noqa: E731
-    return {'energy_in_mask': float(cam[mask].sum()) / total, 'energy_in_ring': float(cam[ring].sum()) / total,
+    return {'energy_in_mask': float(cam[mask].sum(dtype=np.float64)) / total,
+            'energy_in_ring': float(cam[ring].sum(dtype=np.float64)) / total,
             'pointing_game': bool(mask.flat[int(np.argmax(cam))]),
             'centroid_distance_mm': float(np.linalg.norm(centre(hot) - centre(mask))),
             'mask_voxels': int(mask.sum())}
