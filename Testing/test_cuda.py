@@ -103,8 +103,8 @@ def test_a_real_out_of_memory_error_is_retried_with_one_graph(ct_tile):
     """8 mirrors backpropagated together need far more memory than one graph at a time. With the allocator capped
     between the two, the run hits CUDA's own out-of-memory error and redoes the case with results on the CPU and
     one graph at a time. Logits as the uncapped run's; maps as the --low-memory run's and the joint one's, up to
-    float16 rounding, which a deep backward through this random network amplifies (12 % of the peak at most between
-    joint and one-at-a-time on the H200; README "On a GPU"), so compared by correlation."""
+    float16 rounding, which a deep backward through this random network amplifies (5-6 % of the peak between joint and
+    one-at-a-time on the H200; README "On a GPU"), so compared by correlation."""
     pred, engine, nets, data = ct_tile
     spec = CamSpec(engine.method, engine.layers, engine.targets, region='all')
     joint, joint_mb = peak_mb(lambda: sliding_window_cam(pred, nets, data, spec))
