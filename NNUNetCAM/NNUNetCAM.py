@@ -257,7 +257,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.currentIndex = max(combo.findData(self._parameterNode.targetLayer if self._parameterNode else ''), 0)
             combo.toolTip = LAYER_TOOLTIP
         else:
-            self.ui.targetLayerComboBox.addItem('last decoder stage (listing layers...)', 'last_decoder')
+            combo.addItem('last decoder stage (listing layers...)', 'last_decoder')
             folder = self.ui.modelFolderPathLineEdit.currentPath
             self.logic.callCore(['--list-layers', '-m', info['folder'], '-device', 'cpu', '--progress', 'json'],
                                 lambda rc, events: self.onLayersListed(folder, rc, events))

@@ -1,4 +1,5 @@
 """Real tiny nnU-Net models, trained once with nnU-Net's own planner and trainer and cached per nnunetv2 version."""
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,16 @@ def kind_model(kind: str) -> Path:
         subprocess.run([sys.executable, '-m', 'nnunetv2_cam_core.model_kinds', kind], check=True,
                        stdout=subprocess.DEVNULL)
     return build_kind(kind)
+
+
+def start_server(results_dir: Path, folder: Path, *extra):
+    """A real `nnunetv2_cam serve` on 127.0.0.1 over `results_dir`, its token in folder/token and its work folder
+    in folder/tmp. Returns the process and its 'listening' event (url, token)."""
+    (folder / 'tmp').mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, '-m', 'nnunetv2_cam_core', 'serve', '--models', str(results_dir),
+                             '--port', '0', '--token-file', str(folder / 'token'), '-device', 'cpu', *extra],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, 'TMPDIR': str(folder / 'tmp')})
+    return proc, json.loads(proc.stdout.readline())
 
 
 def nnunet_predict(model: Path, inputs: Path, out: Path, folds, tta: bool, prev_stage: Path = None,

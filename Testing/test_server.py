@@ -13,7 +13,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 
-from conftest import run_cli
+from conftest import run_cli, start_server
 from nnunetv2_cam_core.client import ServerClient
 from nnunetv2_cam_core.demo import SPACING, write_sample_case
 
@@ -21,15 +21,10 @@ from nnunetv2_cam_core.demo import SPACING, write_sample_case
 @pytest.fixture(scope='module')
 def server(results_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp('server')
-    token_file = tmp / 'token'
-    proc = subprocess.Popen([sys.executable, '-m', 'nnunetv2_cam_core', 'serve', '--models', str(results_dir),
-                             '--port', '0', '--token-file', str(token_file), '-device', 'cpu',
-                             '--max-upload-mb', '8', '--queue', '2'],
-                            stdout=subprocess.PIPE, text=True)
+    proc, first = start_server(results_dir, tmp, '--max-upload-mb', '8', '--queue', '2')
     try:
-        first = json.loads(proc.stdout.readline())
         assert first['event'] == 'listening' and first['url'].startswith('http://127.0.0.1:')
-        yield first['url'], first['token'], token_file, results_dir
+        yield first['url'], first['token'], tmp / 'token', results_dir
     finally:
         proc.terminate()
         proc.wait(10)
@@ -262,12 +257,8 @@ def test_cli_on_a_server_refuses_what_runs_locally_only(server, small_case, caps
 
 
 def start(results_dir, tmp_path, *extra):
-    (tmp_path / 'tmp').mkdir(exist_ok=True)  # the server's work folder goes there
-    proc = subprocess.Popen([sys.executable, '-m', 'nnunetv2_cam_core', 'serve', '--models', str(results_dir),
-                             '--port', '0', '--token-file', str(tmp_path / 'token'), '-device', 'cpu', *extra],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, 'TMPDIR': str(tmp_path / 'tmp')})
-    first = json.loads(proc.stdout.readline())
-    return proc, ServerClient(first['url'], (tmp_path / 'token').read_text().strip())
+    proc, first = start_server(results_dir, tmp_path, *extra)
+    return proc, ServerClient(first['url'], first['token'])
 
 
 def test_a_job_whose_client_went_away_is_abandoned(results_dir, large_case, model3d, tmp_path):

@@ -936,12 +936,10 @@ def test_panel_computes_on_a_remote_server_with_its_url_and_token_file(monkeypat
     nothing of it in the scene); a wrong token is one line in the status; Connect lists the server's models, the
     classes and folds come from the server, the evaluation (local only) is refused before Apply, and Apply runs
     there and loads the results on the input's grid."""
+    from conftest import start_server
     token_file = tmp_path / 'token'
-    proc = subprocess.Popen([sys.executable, '-m', 'nnunetv2_cam_core', 'serve', '--models', str(results_dir),
-                             '--port', '0', '--token-file', str(token_file), '-device', 'cpu'],
-                            stdout=subprocess.PIPE, text=True)
+    proc, listening = start_server(results_dir, tmp_path)
     try:
-        listening = json.loads(proc.stdout.readline())
         token = token_file.read_text().strip()
         app = install_app(monkeypatch, scene, tmp_path, 'main')
         widget = open_panel(load_module())
