@@ -1,6 +1,7 @@
 """Real tiny nnU-Net models, trained once with nnU-Net's own planner and trainer and cached per nnunetv2 version."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -53,7 +54,8 @@ def nnunet_predict(model: Path, inputs: Path, out: Path, folds, tta: bool, prev_
         cmd += ['-prev_stage_predictions', str(prev_stage)]
     if not tta:
         cmd.append('--disable_tta')
-    subprocess.run([os.path.join(os.path.dirname(sys.executable), cmd[0]), *cmd[1:]], check=True,
+    exe = shutil.which(cmd[0], path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get('PATH', '')]))
+    subprocess.run([exe or cmd[0], *cmd[1:]], check=True,
                    stdout=subprocess.DEVNULL)
     return out
 

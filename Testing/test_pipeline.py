@@ -1,6 +1,5 @@
 """End to end on real tiny models: CLI round trip, segmentation equal to nnU-Net's, geometry, values, outputs."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,3 +283,15 @@ def test_the_server_leaves_with_the_process_that_started_it(results_dir, tmp_pat
     parent.kill()
     parent.wait()
     assert proc.wait(10) == 0 and list((tmp_path / 'tmp').iterdir()) == []
+
+
+def test_a_server_stopped_mid_job_removes_its_files(results_dir, large_case, model3d, tmp_path):
+    """SIGTERM (what `kill`, systemd and the Slicer module send) while a job runs: the server cancels it, shuts down
+    and leaves no work folder behind."""
+    proc, client = start(results_dir, tmp_path)
+    job_id = client.explain(model_id(model3d, results_dir), client.upload([str(large_case)]), classes=['lesion'],
+                            folds=[0], tta=False)
+    while not any(e['event'] == 'tiles' for e in client._call('GET', f'/jobs/{job_id}/events').json()):
+        time.sleep(0.1)
+    proc.terminate()
+    assert proc.wait(10) == 128 + 15 and list((tmp_path / 'tmp').iterdir()) == []

@@ -852,8 +852,10 @@ def test_a_server_killed_mid_run_is_reported_and_adds_nothing(scene, input_volum
             time.sleep(0.05)
         assert run.state == 'failed' and 'does not answer' in errors[0] and '\n' not in errors[0]
         assert node_ids(scene) == nodes and list(temp_root.iterdir()) == []
+        work = Path(logic.localServer.work)
     finally:
         logic.cleanup()
+    assert not work.exists()  # killed mid-job, the server's own files go with the module's cleanup
 
 
 def test_evaluation_is_refused_on_a_server(scene, input_volume, model3d):

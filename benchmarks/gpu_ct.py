@@ -88,12 +88,18 @@ def build_case(folder: Path, size: int) -> Path:
     return path
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def case_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a benchmark on this case: where to write, the device, the case's and the patch's size."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument('--out', type=Path, default=Path('benchmarks/results/gpu'))
     ap.add_argument('--device', default='cuda')
     ap.add_argument('--size', type=int, default=256)
     ap.add_argument('--patch', type=int, default=128)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = case_parser(__doc__.splitlines()[0])
     ap.add_argument('--quick', action='store_true', help='main rows only')
     ap.add_argument('--no-old-tool', action='store_true')
     args = ap.parse_args(argv)

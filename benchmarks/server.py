@@ -29,12 +29,12 @@ def timed(client, model, case, **request):
     seconds = time.perf_counter() - t
     name = next(f for f in job['files'] if f.endswith('_cam.json'))
     sidecar = json.loads(client._call('GET', f'/jobs/{job["id"]}/files/{name}').content)
-    return round(seconds, 2), sidecar['tiles']
+    return round(seconds, 2), sidecar['tiles'], sidecar['timings_s']
 
 
-def start(results: Path, tmp: Path, *extra) -> tuple:
+def start(results: Path, tmp: Path, *extra, device: str = 'cpu') -> tuple:
     server = subprocess.Popen([sys.executable, '-m', 'nnunetv2_cam_core', 'serve', '--models', str(results),
-                               '--port', '0', '--token-file', str(tmp / 'token'), '-device', 'cpu', *extra],
+                               '--port', '0', '--token-file', str(tmp / 'token'), '-device', device, *extra],
                               stdout=subprocess.PIPE, text=True)
     url = json.loads(server.stdout.readline())['url']
     return server, ServerClient(url, (tmp / 'token').read_text().strip())

@@ -5,6 +5,7 @@ import platform
 import re
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -116,11 +117,13 @@ class CamEngine:
 
     def run(self, data: torch.Tensor, properties: dict, mask: Optional[torch.Tensor] = None,
             on_tile: Optional[Callable[[int, int], None]] = None, keep_preprocessed: bool = False,
-            stitched_logits: Optional[torch.Tensor] = None) -> CaseResult:
+            stitched_logits: Optional[torch.Tensor] = None,
+            stitched_segmentation: Optional[np.ndarray] = None) -> CaseResult:
         """Preprocessed data and its properties -> segmentation and CAMs in the original geometry, in memory.
         With `stitched_logits` (an earlier full run's of this case) and a mask (or one per target), only the tiles
         that overlap the mask run: a tile without target voxels adds nothing to a map, so the maps equal a full
-        run's with that mask, and the segmentation is the earlier run's."""
+        run's with that mask, and the segmentation is the earlier run's (`stitched_segmentation`, if kept, is not
+        exported again)."""
         p = self.predictor
         t0 = time.perf_counter()
         only = None if stitched_logits is None or mask is None else mask if mask.ndim == data.ndim - 1 else mask.any(0)
@@ -130,7 +133,8 @@ class CamEngine:
         if stitched_logits is not None:
             out.logits = stitched_logits
         t1 = time.perf_counter()
-        seg = segmentation_to_original(out.logits, properties, p)
+        seg = stitched_segmentation if stitched_logits is not None and stitched_segmentation is not None else \
+            segmentation_to_original(out.logits, properties, p)
         raw = combine_layers(out.cams)
         raw_orig = maps_to_original(raw, properties, p)
         t2 = time.perf_counter()
@@ -151,9 +155,11 @@ class CamEngine:
                 a = out.channel_attribution[i].double().abs()
                 shares = (a / a.sum() if a.sum() > 0 else a).tolist()
                 stats[t.name]['channel_attribution'] = dict(zip(input_channel_names(p), shares))
+        t3 = time.perf_counter()
         info = {'tiles': out.n_tiles, 'classes': stats, 'low_memory': out.low_memory,
                 'out_of_memory_retry': out.out_of_memory_retry,
-                'timings_s': {'sliding_window': round(t1 - t0, 3), 'export': round(t2 - t1, 3)}}
+                'timings_s': {'sliding_window': round(t1 - t0, 3), 'export': round(t2 - t1, 3),
+                              'statistics': round(t3 - t2, 3)}}
         return CaseResult(seg, cams, raws, info, *((out.logits, raw) if keep_preprocessed else ()))
 
 
@@ -210,6 +216,7 @@ class PreparedCase:
     image: np.ndarray
     mask: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
+    segmentation: Optional[np.ndarray] = None  # the logits' exported segmentation
 
 
 @dataclass
@@ -321,7 +328,7 @@ def _run_case(engine, case, files, out_dir, rw, ending, opts: CaseOptions, prev_
     progress.stage('tiles', case)
     res = engine.run(data, props, mask, on_tile=progress.tiles,
                      keep_preprocessed=opts.evaluation is not None or pc is not None,
-                     stitched_logits=pc.logits if pc else None)
+                     stitched_logits=pc.logits if pc else None, stitched_segmentation=pc.segmentation if pc else None)
     timings = {'previous_stage': round(t_previous - t0, 3), 'preprocess': round(t1 - t_previous, 3),
                **res.info['timings_s']}
     evaluation = spread = None
@@ -345,18 +352,19 @@ def _run_case(engine, case, files, out_dir, rw, ending, opts: CaseOptions, prev_
                                              f'no activation); wrote a zero map')
         if evaluation is not None:
             st['evaluation'] = evaluation[name]
-    with CaseOutputs(out_dir) as co:
-        rw.write_seg(res.segmentation, co.path(case + ending), props)
-        files_by_class, spread_files = {}, {}
+    t_write = time.perf_counter()
+    with CaseOutputs(out_dir) as co, ThreadPoolExecutor(2) as pool:  # images compress two at a time
+        writes = [pool.submit(rw.write_seg, res.segmentation, co.path(case + ending), props)]
+        maps, spreads = {}, {}
         for i, name in enumerate(res.cams):
             stem = f'{case}_cam_{_safe(name)}_{_safe(method)}'
-            files_by_class[name] = write_map(res.cams[name], co, stem, ending, props, fmt)
+            maps[name] = pool.submit(write_map, res.cams[name], co, stem, ending, props, fmt)
             if opts.save_raw:
-                write_map(res.raw[name], co, f'{case}_camraw_{_safe(name)}_{_safe(method)}', ending, props, fmt,
-                          normalised=False)
+                writes.append(pool.submit(write_map, res.raw[name], co, f'{case}_camraw_{_safe(name)}_{_safe(method)}',
+                                          ending, props, fmt, normalised=False))
             if spread is not None:
-                spread_files[name] = write_map(spread[i], co, f'{case}_camspread_{_safe(name)}_{_safe(method)}',
-                                               ending, props, fmt, normalised=False)
+                spreads[name] = pool.submit(write_map, spread[i], co, f'{case}_camspread_{_safe(name)}_{_safe(method)}',
+                                            ending, props, fmt, normalised=False)
             if opts.save_numpy and fmt != 'png':  # PNG models get the .npy anyway
                 np.save(co.path(stem + '.npy'), res.cams[name])
             if opts.save_slices:
@@ -365,6 +373,11 @@ def _run_case(engine, case, files, out_dir, rw, ending, opts: CaseOptions, prev_
         if opts.save_slices:
             write_overview(image, res.segmentation, res.cams, co.path(f'{case}_overview.png'))
         curves = evaluation is not None and plot_curves(evaluation, co.path(f'{case}_evaluation.png'), case)
+        files_by_class = {name: f.result() for name, f in maps.items()}
+        spread_files = {name: f.result() for name, f in spreads.items()}
+        for w in writes:
+            w.result()
+        timings['write'] = round(time.perf_counter() - t_write, 3)
         timings['total'] = round(time.perf_counter() - t0, 3)
         sidecar = {**(run_info or {}), 'case': case, 'inputs': list(files), 'method': method,
                    'layers': engine.layers, 'pooling': engine.pooling if engine.method.pooled else None,

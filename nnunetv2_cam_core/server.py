@@ -12,6 +12,7 @@ import queue
 import re
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from .api import CamEngine, PreparedCase, _safe, _versions, run_cases
-from .errors import CamError, UsageError
+from .errors import CamError, UsageError, one_line
 from .inputs import read_label
 from .model import describe_model, fold_networks, load_predictor, resolve_device, resolve_folds
 from .progress import Progress
@@ -149,11 +150,21 @@ class Server:
         self.work = Path(work or tempfile.mkdtemp(prefix='nnunetcam-server-'))
         self.cases: Dict[str, dict] = {}
         self.models: Dict[tuple, tuple] = {}  # (folder, folds, checkpoint) -> (predictor, networks)
-        self.data = Cache(int(cache_mb * 1024 ** 2))  # (case, folder) -> PreparedCase; (case, model key) -> logits
+        # (case, folder) -> PreparedCase; (case, model key) -> (stitched logits, their segmentation)
+        self.data = Cache(int(cache_mb * 1024 ** 2))
         self.jobs: Dict[str, Job] = {}
         self.queue: 'queue.Queue[Job]' = queue.Queue(maxsize=queue_size)
         self.counters = {'model_loads': 0, 'preprocessings': 0, 'jobs_run': 0, 'tiles_run': 0}
         threading.Thread(target=self._worker, daemon=True).start()
+
+    def close(self, wait_s: float = 5) -> None:
+        """Cancel the jobs, let the running one stop (it does between tiles), and remove the server's files."""
+        for job in list(self.jobs.values()):
+            job.cancel.set()
+        deadline = time.monotonic() + wait_s
+        while any(j.status == 'running' for j in list(self.jobs.values())) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        shutil.rmtree(self.work, ignore_errors=True)
 
     # models
     def model_folder(self, model: str) -> Path:
@@ -278,8 +289,14 @@ class Server:
         """A box or ball drawn on the uploaded image's grid, written next to it in its format."""
         import SimpleITK as sitk
         case = self.case(job.request.case)
-        img = sitk.ReadImage(case['files'][0])
-        size = np.array(img.GetSize())
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(case['files'][0])
+        reader.ReadImageInformation()  # the geometry alone: no voxels read
+        size = np.array(reader.GetSize())
+        img = sitk.Image([1] * len(size), sitk.sitkUInt8)  # the index <-> physical transform does not need the size
+        img.SetOrigin(reader.GetOrigin())
+        img.SetSpacing(reader.GetSpacing())
+        img.SetDirection(reader.GetDirection())
 
         def index(p):
             p = [float(v) for v in p]
@@ -306,7 +323,9 @@ class Server:
             d2 = sum(((x - ci) * sp) ** 2 for x, ci, sp in zip(axes, c, img.GetSpacing()))
             inside = d2 <= region.radius_mm ** 2
         out = sitk.GetImageFromArray(inside.transpose().astype(np.uint8))
-        out.CopyInformation(img)
+        out.SetOrigin(img.GetOrigin())
+        out.SetSpacing(img.GetSpacing())
+        out.SetDirection(img.GetDirection())
         path = job.out.parent / f'{job.id}_region{case["ending"]}'
         sitk.WriteImage(out, str(path), True)
         return str(path)
@@ -357,7 +376,7 @@ class Server:
                 job.status, job.error = 'failed', str(e)
             except BaseException as e:  # the same one line as the CLI's; the server (this worker) goes on
                 job.status = 'failed'
-                job.error = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
+                job.error = one_line(e)
             finally:
                 self.counters['jobs_run'] += 1
             if job.status != 'done':  # nothing partial left behind
@@ -374,17 +393,17 @@ class Server:
         pc = self._prepared(job, engine)
         mask = self._region_mask(job, engine, pc)
         logits_key = (r.case, key)
-        logits = self.data.get(logits_key) if r.region.kind != 'all' else None
+        logits, seg = (self.data.get(logits_key) if r.region.kind != 'all' else None) or (None, None)
         target_mask = 'region' if mask is not None else 'tile ensemble'
         if logits is not None and mask is None:
             # each class over its voxels in the cached stitched segmentation: tiles without any run no more
             mask = predicted_mask(logits, engine.targets, pred.label_manager.has_regions)
             target_mask = 'stitched segmentation'
             if not mask.any():
-                mask, logits, target_mask = None, None, 'tile ensemble'
+                mask, logits, seg, target_mask = None, None, None, 'tile ensemble'
         if logits is not None:
             job.reused.append('stitched logits: only the tiles with target voxels ran')
-        prepared = PreparedCase(pc.data, pc.properties, pc.image, mask, logits)
+        prepared = PreparedCase(pc.data, pc.properties, pc.image, mask, logits, seg)
         progress = Progress('json', stream=job)
         results = run_cases(engine, self.case(r.case)['files'], job.out, prepared=prepared, progress=progress,
                             run_info={'model': str(job.folder), 'folds': list(key[1]), 'checkpoint': r.checkpoint,
@@ -393,7 +412,8 @@ class Server:
         res = results[self.case(r.case)['name']]
         self.counters['tiles_run'] += res.info['tiles']
         if logits is None and r.case in self.cases:
-            self.data.put(logits_key, res.logits, _tensor_bytes(res.logits))
+            self.data.put(logits_key, (res.logits, res.segmentation),
+                          _tensor_bytes(res.logits) + res.segmentation.nbytes)
         job.files = {p.name: str(p) for p in job.out.iterdir()}
 
     def health(self) -> dict:
@@ -504,11 +524,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _exit_with(pid: int, work: Path) -> None:
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit_with(pid: int, server: Server) -> None:
     """No orphans: when the process that started the server has gone, leave at once."""
     while True:
         if not _alive(pid):
-            shutil.rmtree(work, ignore_errors=True)
+            server.close()
             os._exit(0)
         time.sleep(0.5)
 
@@ -554,7 +578,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         sock.bind((args.host, args.port))
     except OSError as e:
-        shutil.rmtree(server.work, ignore_errors=True)
+        server.close()
         print(f'error: cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port, or 0 for a free '
               f'one', file=sys.stderr)
         return 2
@@ -562,13 +586,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     scheme = 'https' if args.ssl_certfile else 'http'
     host = f'[{args.host}]' if ':' in args.host else args.host
     print(json.dumps({'event': 'listening', 'url': f'{scheme}://{host}:{sock.getsockname()[1]}',
-                      'token_file': str(token_file), **({'token': token} if new else {})}), flush=True)
+                      'token_file': str(token_file), 'work': str(server.work),
+                      **({'token': token} if new else {})}), flush=True)
     if args.parent_pid:
-        threading.Thread(target=_exit_with, args=(args.parent_pid, server.work), daemon=True).start()
+        threading.Thread(target=_exit_with, args=(args.parent_pid, server), daemon=True).start()
     config = uvicorn.Config(create_app(server), log_level='warning', ssl_certfile=args.ssl_certfile,
                             ssl_keyfile=args.ssl_keyfile)
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again under the handler it found: make that handler
+    # an exit that runs the cleanup below, not the default one that ends the process on the spot
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
-        shutil.rmtree(server.work, ignore_errors=True)
+        server.close()
     return 0

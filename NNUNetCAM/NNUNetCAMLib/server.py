@@ -4,6 +4,7 @@ progress, cancels and loads the results the same way whichever runs the core."""
 import json
 import os
 import queue
+import shutil
 import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -76,6 +77,7 @@ class LocalServer:
         self.process: Optional[CoreProcess] = None
         self.started: Optional[tuple] = None  # (folder, device, python) it serves
         self.connection: Optional[ServerConnection] = None
+        self.work: Optional[str] = None  # the server's own files: removed here too, should it be killed
 
     def connect(self, model_folder: str, device: str = 'auto', event_pump=None) -> ServerConnection:
         folder = str(Path(model_folder).resolve())
@@ -93,7 +95,7 @@ class LocalServer:
             process.cancel()
             logs = [e['message'] for e in seen + process.poll() if e.get('event') == 'log'][-1:]
             raise ServerStartError(f'the local explanation server did not start: {logs[0] if logs else "no output"}')
-        self.process, self.started = process, started
+        self.process, self.started, self.work = process, started, listening.get('work')
         self.connection = ServerConnection(listening['url'],
                                            listening.get('token') or token_file.read_text().strip())
         token_file.unlink(missing_ok=True)  # the connection holds it; nothing stays on disk
@@ -102,7 +104,9 @@ class LocalServer:
     def shutdown(self) -> None:
         if self.process is not None:
             self.process.cancel()
-        self.process = self.connection = self.started = None
+        if self.work:
+            shutil.rmtree(self.work, ignore_errors=True)
+        self.process = self.connection = self.started = self.work = None
 
 
 def _wait_for(process: CoreProcess, match, timeout: float, event_pump) -> Tuple[Optional[dict], List[dict]]:
