@@ -93,6 +93,32 @@ def read(path) -> sitk.Image:
     return sitk.ReadImage(str(path))
 
 
+def write_cohort(folder: Path, seeds, contrast: float = 1.0) -> Path:
+    """Small one-object cases named caseNNN, a few tiles each (contrast < 1: the objects dimmed)."""
+    for s in seeds:
+        write_sample_case(folder, seed=s, shape=(20, 40, 40), spacing=(1.0, 1.0, 1.8), objects=1,
+                          name=f'case{s:03d}', contrast=contrast)
+    return folder
+
+
+def cam_args(model, inputs, out, *extra) -> list:
+    """A CPU run of the tiny model: fold 0, no TTA, lesion."""
+    return [str(a) for a in ('-i', inputs, '-o', out, '-m', model, '-f', '0', '--disable_tta', '--target-class',
+                             'lesion', '-device', 'cpu', *extra)]
+
+
+def assert_same_outputs(a: Path, b: Path, cases: int) -> None:
+    """The same files; images equal in geometry and (to float32 rounding) in values."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    assert len([n for n in names if n.endswith('_cam.json')]) == cases
+    for name in names:
+        if name.endswith('.nii.gz'):
+            x, y = read(a / name), read(b / name)
+            assert geometry(x) == geometry(y), name
+            np.testing.assert_allclose(sitk.GetArrayFromImage(x), sitk.GetArrayFromImage(y), atol=1e-5, err_msg=name)
+
+
 def geometry(img: sitk.Image):
     return img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
 

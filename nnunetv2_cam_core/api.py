@@ -14,12 +14,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .errors import UsageError
+from .errors import CamError, UsageError, one_line
 from .evaluation import CaseEvaluation, EvaluationSettings, fold_spread, mask_statistics, plot_curves, \
     require_folds
 from .export import CaseOutputs, cam_format, maps_to_original, segmentation_to_original, write_map, \
     write_overview, write_slices
-from .inputs import find_cases, read_case, read_label
+from .failures import Failures
+from .inputs import find_cases, read_case, read_label, select_part
 from .layers import resolve_layers
 from .methods import get_method
 from .cascade import PreviousStage
@@ -240,12 +241,16 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
               save_numpy: bool = False, save_slices: bool = False, overwrite: bool = False,
               evaluation: Optional[EvaluationSettings] = None, reference_mask: Optional[str] = None,
               save_fold_spread: bool = False, prepared: Optional[PreparedCase] = None,
-              progress: Optional[Progress] = None, run_info: Optional[dict] = None) -> Dict[str, CaseResult]:
+              progress: Optional[Progress] = None, run_info: Optional[dict] = None, num_parts: int = 1,
+              part_id: int = 0, stop_on_error: bool = True, keep_results: bool = True) -> Dict[str, CaseResult]:
     """Every case in `inputs` -> files in `output_folder`, one case at a time, each written atomically. A cascade
     stage takes its previous stage's segmentations from `prev_stage_folder`, or runs `previous_stage_model` (with
     the cascade's `folds` where it has them) first, as nnU-Net would, keeping nothing of it. `evaluation` adds the
     trust figures (deletion/insertion, sanity check, mask statistics, against `reference_mask` too) to the sidecar.
-    `prepared`: the one case of `inputs`, already preprocessed; its result keeps the stitched logits."""
+    `prepared`: the one case of `inputs`, already preprocessed; its result keeps the stitched logits.
+    `num_parts`/`part_id`: only this part's share of the cases (nnU-Net's split). Without `stop_on_error` a case
+    of several that fails is reported (a `failed` event, OUTPUT/failures.json) and the others run; the call then
+    raises one CamError naming the failed cases. `keep_results=False` returns nothing and keeps no case in memory (batches)."""
     p = engine.predictor
     progress = progress or Progress('none')
     opts = CaseOptions(target_mask, save_raw, save_numpy, save_slices, overwrite, evaluation, reference_mask,
@@ -267,16 +272,33 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
     for option, value in (('--target-mask', target_mask), ('--reference-mask', reference_mask)):
         if value is not None and len(cases) > 1:
             raise UsageError(f'{option} applies to one case; pass a single case with it')
-    results = {}
+    cases = select_part(cases, num_parts, part_id)
+    results, failed = {}, []
+    failures = Failures(out_dir)
     previous = None
     if p.configuration_manager.previous_stage_name and prev_stage_folder is None and previous_stage_model:
         previous = PreviousStage(Path(previous_stage_model), folds, checkpoint, p)
     with tempfile.TemporaryDirectory(prefix='.nnunetcam-previous-stage-', dir=out_dir) as previous_out:
         for case, files in cases.items():
-            res = _run_case(engine, case, files, out_dir, rw, ending, opts, prev_stage_folder, previous,
-                            Path(previous_out), progress, run_info)
+            try:
+                res = _run_case(engine, case, files, out_dir, rw, ending, opts, prev_stage_folder, previous,
+                                Path(previous_out), progress, run_info)
+            except Exception as e:
+                if stop_on_error or len(cases) == 1:  # one case is not a batch: its own error, as it was
+                    raise
+                message = str(e) if isinstance(e, CamError) else one_line(e)
+                progress.emit('failed', message=f'{case}: {message}')
+                failures.add(case, files, message, f'{part_id}/{num_parts}')
+                failed.append(case)
+                continue
             if res is not None:
-                results[case] = res
+                failures.clear(case)
+                if keep_results:
+                    results[case] = res
+    if failed:
+        raise CamError(f'{len(failed)} of {len(cases)} cases failed ({", ".join(failed[:3])}'
+                       f'{", ..." if len(failed) > 3 else ""}); the others were written; see '
+                       f'{out_dir / "failures.json"}, fix those cases and run again (finished cases are skipped)')
     return results
 
 

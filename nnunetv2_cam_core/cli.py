@@ -8,7 +8,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import CamError, UsageError
+from .errors import CamError, UsageError, one_line
 from .progress import Progress
 
 
@@ -17,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog='nnunetv2_cam',
         description='Segmentation and Class Activation Maps for a trained nnU-Net v2 model, written in the '
                     'original image geometry. `nnunetv2_cam check-env` reports packages and devices; '
-                    '`nnunetv2_cam evaluate -o FOLDER [--eval-... options]` adds the trust figures to an earlier run.')
+                    '`nnunetv2_cam evaluate -o FOLDER [--eval-... options]` adds the trust figures to an earlier run; '
+                    '`nnunetv2_cam report OUT_A [OUT_B] -o REPORT` tabulates one cohort\'s explanations or compares '
+                    'two.')
     io = p.add_argument_group('input and output')
     io.add_argument('-i', '--input', nargs='+', help='image file(s) or folder in nnU-Net naming (CASE_0000.nii.gz)')
     io.add_argument('-o', '--output', help='output folder')
@@ -26,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument('-prev_stage_predictions', help='folder with previous-stage segmentations (cascade models; '
                                                     'default: run the previous stage\'s model folder next to it)')
     io.add_argument('--overwrite', action='store_true', help='redo cases whose outputs exist (default: skip them)')
+    io.add_argument('-num_parts', type=int, default=1, help='split the cases into this many parts, as nnU-Net does '
+                    '(one per GPU or cluster task; default: 1)')
+    io.add_argument('-part_id', type=int, default=0, help='which part this run takes, 0 .. num_parts-1')
+    io.add_argument('--stop-on-error', action='store_true',
+                    help='stop at the first case that fails (default: report it in OUTPUT/failures.json, go on, and '
+                         'exit non-zero at the end)')
     io.add_argument('--save-raw', action='store_true', help='also write the unnormalised CAM')
     io.add_argument('--save-numpy', action='store_true', help='also write the CAM as .npy')
     io.add_argument('--save-slices', action='store_true', help='also write PNG overlays, one per slice, and an overview')
@@ -191,7 +199,11 @@ def run(args, progress: Progress) -> int:
     from .api import CamEngine, run_cases
     if not args.input or not args.output:
         raise UsageError('-i INPUT and -o OUTPUT are required (or use --list-methods / --list-layers)')
+    from .inputs import select_part
+    select_part({}, args.num_parts, args.part_id)  # a wrong part fails before the model loads
     if args.server:
+        if args.num_parts != 1:
+            raise UsageError('-num_parts splits local runs; with --server, send each part\'s cases as their own run')
         return run_on_server(args, progress)
     evaluation = None
     if args.evaluate:
@@ -212,7 +224,8 @@ def run(args, progress: Progress) -> int:
               prev_stage_folder=args.prev_stage_predictions, previous_stage_model=args.previous_stage_model,
               folds=folds, checkpoint=args.checkpoint, save_raw=args.save_raw, save_numpy=args.save_numpy,
               save_slices=args.save_slices and not args.no_save_slices, overwrite=args.overwrite, progress=progress,
-              run_info=run_info)
+              run_info=run_info, num_parts=args.num_parts, part_id=args.part_id, stop_on_error=args.stop_on_error,
+              keep_results=False)
     progress.stage('done')
     return 0
 
@@ -256,6 +269,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ['evaluate']:
         return evaluate_earlier_run(argv[1:])
+    if argv[:1] == ['report']:
+        from .report import main as report
+        return report(argv[1:])
     if argv[:1] == ['serve']:
         from .server import main as serve
         return serve(argv[1:])
@@ -290,7 +306,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     except Exception as e:  # an unexpected failure still gets one line
         progress.close()
-        msg = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
+        msg = one_line(e)
         if as_json:
             progress.emit('error', message=msg, exit_code=1)
         print(f'error: {msg} (rerun with --verbose for the traceback)', file=sys.stderr)

@@ -13,7 +13,7 @@ import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
@@ -55,8 +55,9 @@ def _seed_everything(seed: int) -> None:
 
 
 def synthetic_case(rng: np.random.Generator, shape=(20, 40, 40), spacing=SPACING, objects: int = 1,
-                   border: int = 2):
-    """Image (z, y, x) with bright spheres (lesion) and boxes (organ) on noise, zero border so nnU-Net crops."""
+                   border: int = 2, contrast: float = 1.0):
+    """Image (z, y, x) with bright spheres (lesion) and boxes (organ) on noise, zero border so nnU-Net crops.
+    `contrast` < 1 dims the objects against the background (a shifted domain)."""
     import SimpleITK as sitk
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing='ij'), -1).astype(np.float32)
     mm = grid * np.array(spacing[::-1], np.float32)
@@ -77,8 +78,8 @@ def synthetic_case(rng: np.random.Generator, shape=(20, 40, 40), spacing=SPACING
         lab[tuple(slice(cc - h, cc + h) for cc, h in zip(cb, half))] = 2
     # lesion brighter, organ darker than the background: the background lies inside the foreground intensity
     # range, so nnU-Net's CT normalisation (clipped to foreground percentiles) keeps all three apart
-    img[lab == 1] += 220
-    img[lab == 2] -= 90
+    img[lab == 1] += 220 * contrast
+    img[lab == 2] -= 90 * contrast
     img += 50
     for ax in range(3):
         sl = [slice(None)] * 3
@@ -99,12 +100,12 @@ def synthetic_case(rng: np.random.Generator, shape=(20, 40, 40), spacing=SPACING
 
 
 def write_sample_case(folder: Path, seed: int = 123, shape=(36, 72, 72), spacing=(0.95, 0.95, 2.1),
-                      name: str = 'sample', objects: int = 3) -> Path:
+                      name: str = 'sample', objects: int = 3, contrast: float = 1.0) -> Path:
     """A test case larger than the patch (several tiles) with spacing unlike the plan's (so resampling happens).
     Its ground truth goes to folder/labels/."""
     import SimpleITK as sitk
     folder.mkdir(parents=True, exist_ok=True)
-    img, lab = synthetic_case(np.random.default_rng(seed), shape, spacing, objects=objects)
+    img, lab = synthetic_case(np.random.default_rng(seed), shape, spacing, objects=objects, contrast=contrast)
     path = folder / f'{name}_0000.nii.gz'
     sitk.WriteImage(img, str(path))
     (folder / 'labels').mkdir(exist_ok=True)

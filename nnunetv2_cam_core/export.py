@@ -128,7 +128,7 @@ class CaseOutputs:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _window(image: np.ndarray) -> np.ndarray:
+def window(image: np.ndarray) -> np.ndarray:
     vals = image[image != 0] if np.any(image != 0) else image
     lo, hi = np.percentile(vals, [1, 99])
     return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
@@ -147,28 +147,37 @@ def write_slices(image: np.ndarray, cam: np.ndarray, folder: str, case: str) -> 
     """One PNG per slice (first array axis): jet CAM over the original intensities, window from percentiles."""
     from PIL import Image
     os.makedirs(folder)
-    gray = _window(image.astype(np.float32))
+    gray = window(image.astype(np.float32))
     for k in range(image.shape[0]):
         Image.fromarray(overlay(gray[k], cam[k])).save(os.path.join(folder, f'{case}_{k:03d}.png'))
 
 
-def write_overview(image: np.ndarray, seg: np.ndarray, cams: Dict[str, np.ndarray], path: str) -> None:
-    """One picture per case: for each class, the slice with the most CAM, image | segmentation | CAM overlay."""
+def overview_row(gray: np.ndarray, seg: np.ndarray, cam: np.ndarray, title: str) -> np.ndarray:
+    """image | segmentation | CAM overlay at the slice (first axis) with the most CAM, titled, as uint8 RGB; `gray`
+    windowed to 0..1."""
     from PIL import Image, ImageDraw
-    gray = _window(image.astype(np.float32))
-    rows = []
-    for name, cam in cams.items():
-        k = int(np.argmax(cam.reshape(cam.shape[0], -1).sum(1)))
-        g = (np.repeat(gray[k][..., None], 3, -1) * 255).astype(np.uint8)
-        s = g.copy()
-        palette = np.array([[0, 0, 0], [255, 80, 80], [80, 200, 255], [120, 255, 120], [255, 220, 60]], np.uint8)
-        lab = seg[k]
-        s[lab > 0] = (0.5 * s[lab > 0] + 0.5 * palette[np.minimum(lab[lab > 0], len(palette) - 1)]).astype(np.uint8)
-        row = np.concatenate([g, s, overlay(gray[k], cam[k])], 1)
-        scale = max(1, 192 // row.shape[0])
-        img = Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST)
-        ImageDraw.Draw(img).text((4, 2), f'{name}  (slice {k})  image | segmentation | CAM', fill=(255, 255, 0))
-        rows.append(np.asarray(img))
+    k = int(np.argmax(cam.reshape(cam.shape[0], -1).sum(1)))
+    g = (np.repeat(gray[k][..., None], 3, -1) * 255).astype(np.uint8)
+    s = g.copy()
+    palette = np.array([[0, 0, 0], [255, 80, 80], [80, 200, 255], [120, 255, 120], [255, 220, 60]], np.uint8)
+    lab = seg[k]
+    s[lab > 0] = (0.5 * s[lab > 0] + 0.5 * palette[np.minimum(lab[lab > 0], len(palette) - 1)]).astype(np.uint8)
+    row = np.concatenate([g, s, overlay(gray[k], cam[k])], 1)
+    scale = max(1, 192 // row.shape[0])
+    img = Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST)
+    ImageDraw.Draw(img).text((4, 2), f'{title}  (slice {k})  image | segmentation | CAM', fill=(255, 255, 0))
+    return np.asarray(img)
+
+
+def stack_rows(rows, path: str) -> None:
+    """Rows of pictures, padded to the widest, one under the other, as one PNG."""
+    from PIL import Image
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
     Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+
+def write_overview(image: np.ndarray, seg: np.ndarray, cams: Dict[str, np.ndarray], path: str) -> None:
+    """One picture per case: for each class, the slice with the most CAM, image | segmentation | CAM overlay."""
+    gray = window(image.astype(np.float32))
+    stack_rows([overview_row(gray, seg, cam, name) for name, cam in cams.items()], path)

@@ -112,3 +112,13 @@ def read_label(rw, path: str, image_props: dict, image_shape: Sequence[int], wha
         raise UsageError(f'{what} {path} does not match the image geometry (size {list(seg.shape[1:])} vs '
                          f'{list(image_shape)}, or spacing/origin/direction differ); resample it onto the image first')
     return seg.astype(np.int16)
+
+
+def select_part(cases: Dict[str, List[str]], num_parts: int, part_id: int) -> Dict[str, List[str]]:
+    """nnU-Net's split (-num_parts / -part_id): the cases in order of their ids, every num_parts-th from part_id.
+    Disjoint, together every case; an added case shifts later ones to other parts, and finished cases are skipped
+    by whichever part meets them, so a cohort can grow and be run again."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise UsageError(f'-part_id {part_id} -num_parts {num_parts}: give 0 <= part_id < num_parts')
+    ids = sorted(cases)[part_id::num_parts]
+    return {c: cases[c] for c in ids}

@@ -1,4 +1,5 @@
-"""Progress as JSON lines on stdout (read by the Slicer module) or as tqdm bars on stderr."""
+"""Progress as JSON lines on stdout (read by the Slicer module), or on stderr as tqdm bars, or as plain lines where
+stderr is not a terminal (a cluster job's log): one at each stage and each tenth of its tiles or steps."""
 import json
 import sys
 import time
@@ -13,12 +14,14 @@ class Progress:
         self._bar = None
         self._stage: Optional[str] = None
         self._t0 = time.perf_counter()
+        self.plain = mode == 'bar' and not sys.stderr.isatty()
+        self._tenth = -1
 
     def emit(self, event: str, **fields) -> None:
         if self.mode == 'json':
             self.stream.write(json.dumps({'event': event, 'case': self.case, **fields}) + '\n')
             self.stream.flush()
-        elif self.mode == 'bar' and event in ('warning', 'skip', 'result'):
+        elif self.mode == 'bar' and event in ('warning', 'skip', 'result', 'failed'):
             print(fields.get('message') or fields, file=sys.stderr)
 
     def stage(self, name: str, case: Optional[str] = None, **fields) -> None:
@@ -26,7 +29,11 @@ class Progress:
         self._stage = name
         self._t0 = time.perf_counter()
         self._close_bar()
+        self._tenth = -1
         self.emit('stage', stage=name, **fields)
+        if self.plain:
+            print(f'{time.strftime("%H:%M:%S")} {case + ": " if case else ""}{name}', file=sys.stderr,
+                  flush=True)
 
     def tiles(self, k: int, n: int) -> None:
         """Tile k of n of the sliding window done."""
@@ -41,6 +48,12 @@ class Progress:
         eta = elapsed / k * (n - k)
         if self.mode == 'json':
             self.emit(event, stage=self._stage, **{unit: k, event: n}, fraction=round(k / n, 4), eta_s=round(eta, 1))
+        elif self.plain:
+            tenth = k * 10 // n
+            if tenth > self._tenth:
+                self._tenth = tenth
+                print(f'{time.strftime("%H:%M:%S")} {self.case}: {self._stage} {k}/{n} {unit}s, about {eta:.0f} s left',
+                      file=sys.stderr, flush=True)
         elif self.mode == 'bar':
             if self._bar is None:
                 from tqdm import tqdm

@@ -1,0 +1,135 @@
+"""Cohorts: nnU-Net's -num_parts/-part_id split, parts running at once into one folder, a failing case that does not
+stop the batch, plain-line progress in logs, and the cohort report (real runs of the tiny 3D model)."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import assert_same_outputs, cam_args, run_cli, write_cohort as cohort
+from nnunetv2_cam_core.errors import UsageError
+from nnunetv2_cam_core.inputs import select_part
+
+
+def test_parts_are_disjoint_cover_every_case_and_keep_their_order():
+    cases = {f'c{i:02d}': [f'c{i:02d}_0000.nii.gz'] for i in (5, 1, 9, 3, 7, 2, 8)}
+    for n in (1, 2, 3, 7, 10):
+        parts = [select_part(cases, n, i) for i in range(n)]
+        ids = [c for p in parts for c in p]
+        assert sorted(ids) == sorted(cases) and len(ids) == len(set(ids))
+        assert all(list(p) == sorted(p) for p in parts)
+        assert parts == [select_part(dict(reversed(list(cases.items()))), n, i) for i in range(n)]
+    grown = {**cases, 'c04': ['c04_0000.nii.gz']}
+    for i in range(3):
+        kept = [c for c in select_part(grown, 3, i) if c in cases]
+        assert kept == sorted(kept)
+    for n, i in ((2, 2), (2, -1), (0, 0)):
+        with pytest.raises(UsageError, match='part_id'):
+            select_part(cases, n, i)
+
+
+def test_a_wrong_part_is_one_line_before_the_model_loads(tmp_path, capsys):
+    assert run_cli(['-i', tmp_path, '-o', tmp_path / 'out', '-m', tmp_path / 'no-model', '-num_parts', '2',
+                    '-part_id', '2']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and '0 <= part_id < num_parts' in err[0]
+
+
+def test_two_parts_at_once_write_the_same_files_as_one_run(model3d, tmp_path):
+    inputs = cohort(tmp_path / 'in', range(1, 5))
+    assert run_cli(cam_args(model3d, inputs, tmp_path / 'one', '--progress', 'none')) == 0
+    logs = [tmp_path / f'part{i}.log' for i in range(2)]
+    with open(logs[0], 'w') as e0, open(logs[1], 'w') as e1:
+        procs = [subprocess.Popen([sys.executable, '-m', 'nnunetv2_cam_core',
+                                   *cam_args(model3d, inputs, tmp_path / 'two', '-num_parts', '2', '-part_id', str(i))],
+                                  stdout=subprocess.DEVNULL, stderr=err) for i, err in enumerate((e0, e1))]
+        assert [p.wait(600) for p in procs] == [0, 0], [log.read_text()[-2000:] for log in logs]
+    assert_same_outputs(tmp_path / 'one', tmp_path / 'two', 4)
+    # each part took its own two cases, and its log (stderr is a file) is plain lines
+    for i, log in enumerate(logs):
+        text = log.read_text()
+        assert '\r' not in text
+        mine = [f'case{s:03d}' for s in sorted(range(1, 5))[i::2]]
+        assert all(f'{c}: tiles' in text for c in mine), text[-2000:]
+        assert not any(f'{c}: tiles' in text for c in [f'case{s:03d}' for s in range(1, 5)] if c not in mine)
+
+
+def test_a_corrupt_case_is_reported_and_the_others_are_written(model3d, tmp_path, capsys):
+    inputs = cohort(tmp_path / 'in', (1, 3))
+    (inputs / 'case002_0000.nii.gz').write_bytes(b'not an image')
+    out = tmp_path / 'out'
+    assert run_cli(cam_args(model3d, inputs, out, '--progress', 'json')) == 1
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{')]
+    failed = [e for e in events if e['event'] == 'failed']
+    assert len(failed) == 1 and failed[0]['case'] == 'case002'
+    assert events[-1]['event'] == 'error' and 'see ' in events[-1]['message'] and '1 of 3' in events[-1]['message']
+    failures = json.loads((out / 'failures.json').read_text())
+    assert list(failures) == ['case002'] and failures['case002']['error']
+    assert failures['case002']['inputs'] == [str(inputs / 'case002_0000.nii.gz')]
+    assert (out / 'case001_cam.json').is_file() and (out / 'case003_cam.json').is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith('case002') or p.name.startswith('.nnunetcam')]
+    # --stop-on-error: today's behaviour, the batch stops at the bad case
+    assert run_cli(cam_args(model3d, inputs, tmp_path / 'stop', '--progress', 'none', '--stop-on-error')) == 2
+    assert (tmp_path / 'stop' / 'case001_cam.json').is_file()
+    assert not (tmp_path / 'stop' / 'case003_cam.json').exists()
+    # repaired and run again: only that case runs, and failures.json goes
+    shutil.rmtree(inputs)
+    cohort(inputs, (1, 2, 3))
+    before = (out / 'case001_cam.json').stat().st_mtime_ns
+    assert run_cli(cam_args(model3d, inputs, out, '--progress', 'none')) == 0
+    assert (out / 'case002_cam.json').is_file() and not (out / 'failures.json').exists()
+    assert (out / 'case001_cam.json').stat().st_mtime_ns == before
+
+
+@pytest.fixture(scope='module')
+def cohorts(model3d, tmp_path_factory):
+    """Six cases as trained, and the same six with the objects dimmed to a tenth of their contrast."""
+    root = tmp_path_factory.mktemp('cohorts')
+    out = {}
+    for name, contrast in (('trained', 1.0), ('dimmed', 0.1)):
+        inputs = cohort(root / f'in_{name}', range(11, 17), contrast)
+        assert run_cli(cam_args(model3d, inputs, root / name, '--progress', 'none')) == 0
+        out[name] = root / name
+    return out
+
+
+def test_report_shows_the_shift_of_a_dimmed_cohort(cohorts, tmp_path):
+    from nnunetv2_cam_core import compare_cohorts
+    from nnunetv2_cam_core.report import main as report
+    result = compare_cohorts(cohorts['trained'], cohorts['dimmed'])
+    assert len(result['records']) == 12 and {r['class'] for r in result['records']} == {'lesion'}
+    volume = next(t for t in result['tests'] if t['figure'] == 'predicted_volume_ml')
+    assert volume['p'] < 0.05 and volume['effect_size'] > 0  # the trained cohort has more predicted lesion
+    assert report([str(cohorts['trained']), str(cohorts['dimmed']), '-o', str(tmp_path / 'r')]) == 0
+    for name in ('cases.csv', 'summary.md', 'distributions.png', 'overview.png'):
+        assert (tmp_path / 'r' / name).stat().st_size > 0
+    rows = (tmp_path / 'r' / 'cases.csv').read_text().splitlines()
+    assert len(rows) == 13 and 'predicted_volume_ml' in rows[0] and 'method' in rows[0]
+    summary = (tmp_path / 'r' / 'summary.md').read_text()
+    assert next(line for line in summary.splitlines() if line.startswith('| predicted_volume_ml')).endswith('yes |')
+
+
+def test_identical_cohorts_show_no_shift(cohorts, tmp_path):
+    from nnunetv2_cam_core import compare_cohorts
+    copy = shutil.copytree(cohorts['trained'], tmp_path / 'trained')
+    result = compare_cohorts(cohorts['trained'], copy)
+    assert result['tests'] and all(t['p'] == 1.0 and t['effect_size'] == 0 for t in result['tests'])
+    one = compare_cohorts(cohorts['trained'])
+    assert one['tests'] == [] and {s['figure'] for s in one['summaries']} >= {'predicted_volume_ml', 'energy_in_mask'}
+
+
+def test_report_refuses_runs_with_other_settings(cohorts, tmp_path, capsys):
+    from nnunetv2_cam_core.report import main as report
+    other = shutil.copytree(cohorts['dimmed'], tmp_path / 'other')
+    sidecar = next(other.glob('*_cam.json'))
+    d = json.loads(sidecar.read_text())
+    d['method'] = 'hirescam'
+    sidecar.write_text(json.dumps(d))
+    assert report([str(cohorts['trained']), str(other), '-o', str(tmp_path / 'r')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'method differs' in err[0] and '--force' in err[0]
+    assert not (tmp_path / 'r').exists()
+    assert report([str(cohorts['trained']), str(other), '-o', str(tmp_path / 'r'), '--force']) == 0
+    assert report([str(tmp_path), '-o', str(tmp_path / 'r2')]) == 2
+    assert 'no CASE_cam.json' in capsys.readouterr().err
