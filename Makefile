@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
-.PHONY: demo test test-fresh venv
+.PHONY: demo test test-fresh test-slurm venv
 
 venv:
 	@bash scripts/venv.sh
@@ -15,3 +15,9 @@ test:
 test-fresh:
 	@V=$$(bash scripts/venv.sh) && T=$$(mktemp -d) && trap 'rm -rf "$$T"' EXIT && \
 		NNUNETCAM_MODEL_CACHE="$$T" "$$V/bin/python" -m pytest -q -rs Testing
+
+# the cohort split on a real SLURM: Debian's slurm-wlm and munge (installed if missing; root), one node on localhost
+test-slurm:
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge; }
+	@V=$$(bash scripts/venv.sh) && NNUNETCAM_SLURM=1 "$$V/bin/python" -m pytest -q -rs Testing/test_slurm.py
