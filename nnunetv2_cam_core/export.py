@@ -153,10 +153,13 @@ def write_slices(image: np.ndarray, cam: np.ndarray, folder: str, case: str) -> 
 
 
 def overview_row(gray: np.ndarray, seg: np.ndarray, cam: np.ndarray, title: str) -> np.ndarray:
-    """image | segmentation | CAM overlay at the slice (first axis) with the most CAM, titled, as uint8 RGB; `gray`
-    windowed to 0..1."""
+    """image | segmentation | CAM overlay at the slice (first axis) with the most CAM (no CAM: the most segmentation,
+    else the middle one), titled, as uint8 RGB; `gray` windowed to 0..1."""
     from PIL import Image, ImageDraw
-    k = int(np.argmax(cam.reshape(cam.shape[0], -1).sum(1)))
+    per_slice = cam.reshape(cam.shape[0], -1).sum(1)
+    if not per_slice.any():
+        per_slice = (seg > 0).reshape(seg.shape[0], -1).sum(1)
+    k = int(np.argmax(per_slice)) if per_slice.any() else cam.shape[0] // 2
     g = (np.repeat(gray[k][..., None], 3, -1) * 255).astype(np.uint8)
     s = g.copy()
     palette = np.array([[0, 0, 0], [255, 80, 80], [80, 200, 255], [120, 255, 120], [255, 220, 60]], np.uint8)

@@ -12,6 +12,7 @@ import numpy as np
 
 from .errors import CamError, UsageError
 from .evaluation import mask_statistics
+from .progress import Progress
 
 FIGURES = ('predicted_volume_ml', 'energy_in_mask', 'energy_in_ring', 'pointing_game', 'centroid_distance_mm',
            'deletion_ratio', 'insertion_ratio', 'sanity_spearman')
@@ -111,7 +112,8 @@ def _rank_test(a: Sequence[float], b: Sequence[float]) -> dict:
     return {'u': float(r.statistic), 'p': float(r.pvalue), 'effect_size': 2 * float(r.statistic) / (len(a) * len(b)) - 1}
 
 
-def compare_cohorts(folder_a, folder_b=None, force: bool = False, margin_mm: float = 5.0) -> dict:
+def compare_cohorts(folder_a, folder_b=None, force: bool = False, margin_mm: float = 5.0,
+                    progress: Optional[Progress] = None) -> dict:
     """One or two output folders -> {'records': one dict per case and class, 'summaries': per cohort, class and
     figure (n, median, q1, q3), 'tests': per class and figure for two cohorts (u, p, effect_size)}."""
     folders = [Path(f) for f in (folder_a, folder_b) if f is not None]
@@ -120,8 +122,13 @@ def compare_cohorts(folder_a, folder_b=None, force: bool = False, margin_mm: flo
         labels = [f'A {labels[0]}', f'B {labels[1]}']
     cohorts = {label: _cases(f) for label, f in zip(labels, folders)}
     _check(cohorts, force)
-    records = [r for label, f in zip(labels, folders) for sc in cohorts[label]
-               for r in case_records(label, f, sc, margin_mm)]
+    progress = progress or Progress('none')
+    records = []
+    for label, f in zip(labels, folders):
+        progress.stage('read', label)
+        for k, sc in enumerate(cohorts[label], 1):
+            records += case_records(label, f, sc, margin_mm)
+            progress.steps(k, len(cohorts[label]))
     classes = list(dict.fromkeys(r['class'] for r in records))
     figures = [f for f in FIGURES if all(r[f] is not None for r in records)]
     summaries, tests = [], []
@@ -226,8 +233,8 @@ def _overview(result: dict, path: Path, per_end: int) -> None:
 
 
 def write_report(folders: Sequence, out: Path, force: bool = False, margin_mm: float = 5.0,
-                 per_end: int = 2) -> dict:
-    result = compare_cohorts(*folders, force=force, margin_mm=margin_mm)
+                 per_end: int = 2, progress: Optional[Progress] = None) -> dict:
+    result = compare_cohorts(*folders, force=force, margin_mm=margin_mm, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(result['records'], out / 'cases.csv')
     _write_summary(result, out / 'summary.md')
@@ -251,7 +258,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if len(args.folders) > 2:
             raise UsageError(f'{len(args.folders)} folders given; a report takes one cohort or compares two')
-        result = write_report(args.folders, args.output, args.force, args.margin_mm, args.cases_per_end)
+        progress = Progress('bar')
+        result = write_report(args.folders, args.output, args.force, args.margin_mm, args.cases_per_end, progress)
+        progress.close()
     except CamError as e:
         print(f'error: {e}', file=sys.stderr)
         return e.exit_code
