@@ -82,6 +82,26 @@ def test_a_corrupt_case_is_reported_and_the_others_are_written(model3d, tmp_path
     assert (out / 'case001_cam.json').stat().st_mtime_ns == before
 
 
+def test_rank_test_and_effect_size_on_known_samples():
+    from nnunetv2_cam_core.report import _rank_test
+    higher = _rank_test([5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 4.5, 4.8])
+    assert higher['effect_size'] == 1.0 and higher['p'] == pytest.approx(2 / 924)  # complete separation, 6 vs 6
+    assert _rank_test([1, 2, 3, 4, 4.5, 4.8], [5, 6, 7, 8, 9, 10])['effect_size'] == -1.0
+    assert _rank_test([0.0] * 6, [0.0] * 6) == {'u': 18.0, 'p': 1.0, 'effect_size': 0.0}
+    mixed = _rank_test([1, 3, 5, 7, 9, 11], [2, 4, 6, 8, 10, 12])
+    assert mixed['p'] > 0.5 and abs(mixed['effect_size']) < 0.2
+
+
+def test_a_part_holding_one_case_of_a_batch_reports_its_failure(model3d, tmp_path):
+    inputs = cohort(tmp_path / 'in', (1,))
+    (inputs / 'case002_0000.nii.gz').write_bytes(b'not an image')
+    out = tmp_path / 'out'
+    assert run_cli(cam_args(model3d, inputs, out, '--progress', 'none', '-num_parts', '2', '-part_id', '1')) == 1
+    assert list(json.loads((out / 'failures.json').read_text())) == ['case002']
+    assert run_cli(cam_args(model3d, inputs, out, '--progress', 'none', '-num_parts', '2', '-part_id', '0')) == 0
+    assert (out / 'case001_cam.json').is_file()
+
+
 @pytest.fixture(scope='module')
 def cohorts(model3d, tmp_path_factory):
     """Six cases as trained, and the same six with the objects dimmed to a tenth of their contrast."""

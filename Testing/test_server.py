@@ -291,7 +291,10 @@ def test_a_server_stopped_mid_job_removes_its_files(results_dir, large_case, mod
     proc, client = start(results_dir, tmp_path)
     job_id = client.explain(model_id(model3d, results_dir), client.upload([str(large_case)]), classes=['lesion'],
                             folds=[0], tta=False)
+    deadline = time.monotonic() + 120
     while not any(e['event'] == 'tiles' for e in client._call('GET', f'/jobs/{job_id}/events').json()):
+        assert time.monotonic() < deadline, client._call('GET', f'/jobs/{job_id}').json()
         time.sleep(0.1)
+    assert client._call('GET', f'/jobs/{job_id}').json()['status'] == 'running'  # 75 tiles: still running
     proc.terminate()
     assert proc.wait(10) == 128 + 15 and list((tmp_path / 'tmp').iterdir()) == []

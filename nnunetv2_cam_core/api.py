@@ -201,9 +201,9 @@ def _safe(name: str) -> str:
 def check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f'.nnunetcam-write-test-{os.getpid()}'
-        probe.write_bytes(b'')
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix='.nnunetcam-write-test-', dir=folder)  # unique across parts and nodes
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise UsageError(f'output folder {folder} is not writable ({e.strerror}); choose another -o') from None
 
@@ -272,6 +272,7 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
     for option, value in (('--target-mask', target_mask), ('--reference-mask', reference_mask)):
         if value is not None and len(cases) > 1:
             raise UsageError(f'{option} applies to one case; pass a single case with it')
+    batch = len(cases) > 1  # one case is not a batch: its own error, as it always was
     cases = select_part(cases, num_parts, part_id)
     results, failed = {}, []
     failures = Failures(out_dir)
@@ -284,7 +285,7 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
                 res = _run_case(engine, case, files, out_dir, rw, ending, opts, prev_stage_folder, previous,
                                 Path(previous_out), progress, run_info)
             except Exception as e:
-                if stop_on_error or len(cases) == 1:  # one case is not a batch: its own error, as it was
+                if stop_on_error or not batch:
                     raise
                 message = str(e) if isinstance(e, CamError) else one_line(e)
                 progress.emit('failed', message=f'{case}: {message}')

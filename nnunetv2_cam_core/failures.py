@@ -23,12 +23,21 @@ class Failures:
             self._update(lambda e: e.pop(case, None))
 
     def _update(self, change) -> None:
-        with self.lock:
-            entries = json.loads(self.path.read_text()) if self.path.is_file() else {}
-            change(entries)
-            if entries:
-                tmp = self.path.with_name(f'.failures.json.{os.getpid()}')
-                tmp.write_text(json.dumps(entries, indent=2))
-                os.replace(tmp, self.path)
-            elif self.path.is_file():
-                self.path.unlink()
+        try:
+            self.lock.acquire()
+        except OSError:  # a file system without locks (some Lustre and NFS mounts): update without one
+            return self._apply(change)
+        try:
+            self._apply(change)
+        finally:
+            self.lock.release()
+
+    def _apply(self, change) -> None:
+        entries = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        change(entries)
+        if entries:
+            tmp = self.path.with_name(f'.failures.json.{os.getpid()}')
+            tmp.write_text(json.dumps(entries, indent=2))
+            os.replace(tmp, self.path)
+        elif self.path.is_file():
+            self.path.unlink()

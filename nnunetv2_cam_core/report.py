@@ -82,18 +82,25 @@ def case_records(label: str, folder: Path, sidecar: dict, margin_mm: float) -> L
         cam = cam.reshape(seg.shape)
         mask = np.isin(seg, st['labels'])
         m = mask_statistics(cam, mask, spacing, margin_mm)
+        where = {'energy_in_mask': m['energy_in_mask'], 'energy_in_ring': m['energy_in_ring'],
+                 'pointing_game': int(m['pointing_game']), 'centroid_distance_mm': m['centroid_distance_mm']}
+        if not mask.any():
+            where = dict.fromkeys(where)  # where the map lies against a mask: undefined without one
         ev = st.get('evaluation') or {}
         sanity = ev.get('sanity') or {}
         rows.append({'cohort': label, 'case': sidecar['case'], 'class': name,
-                     'predicted_volume_ml': int(mask.sum()) * voxel_ml,
-                     'energy_in_mask': m['energy_in_mask'], 'energy_in_ring': m['energy_in_ring'],
-                     'pointing_game': int(m['pointing_game']), 'centroid_distance_mm': m['centroid_distance_mm'],
+                     'predicted_volume_ml': int(mask.sum()) * voxel_ml, **where,
                      'deletion_ratio': ev.get('deletion_ratio'), 'insertion_ratio': ev.get('insertion_ratio'),
                      'deletion_auc': ev.get('deletion_auc'), 'insertion_auc': ev.get('insertion_auc'),
                      'sanity_spearman': sanity.get('spearman_after_decoder'),
                      **{k: json.dumps(v) if isinstance(v, (list, dict)) else v
                         for k, v in _settings(sidecar).items() if k != 'classes'}})
     return rows
+
+
+def _values(records: List[dict], cohort: str, name: str, figure: str) -> List[float]:
+    """One figure of one cohort and class, the cases where it is defined."""
+    return [r[figure] for r in records if r['cohort'] == cohort and r['class'] == name and r[figure] is not None]
 
 
 def _summary(values: Sequence[float]) -> dict:
@@ -130,11 +137,11 @@ def compare_cohorts(folder_a, folder_b=None, force: bool = False, margin_mm: flo
             records += case_records(label, f, sc, margin_mm)
             progress.steps(k, len(cohorts[label]))
     classes = list(dict.fromkeys(r['class'] for r in records))
-    figures = [f for f in FIGURES if all(r[f] is not None for r in records)]
+    figures = [f for f in FIGURES if any(r[f] is not None for r in records)]
     summaries, tests = [], []
     for name in classes:
         for fig in figures:
-            per = {label: [r[fig] for r in records if r['cohort'] == label and r['class'] == name] for label in labels}
+            per = {label: _values(records, label, name, fig) for label in labels}
             for label, values in per.items():
                 if values:
                     summaries.append({'cohort': label, 'class': name, 'figure': fig, **_summary(values)})
@@ -161,9 +168,11 @@ def _write_summary(result: dict, path: Path) -> None:
                  else '') for label, folder in zip(labels, result['folders'])]
     first = result['records'][0]
     lines += ['', 'Settings: ' + ', '.join(f'{k} {first[k]}' for k in SETTINGS if first.get(k) is not None), '']
-    lines += ['Median [IQR] per cohort.' + (' Two cohorts: two-sided Mann-Whitney U; effect size = rank-biserial '
-                                            'correlation (+1: every case of the first cohort higher, -1: lower); '
-                                            'shift: p < 0.05.' if len(labels) == 2 else ''), '']
+    lines += ['Median [IQR] per cohort, over the cases where a figure is defined (n): where the map lies against '
+              'the mask needs a predicted mask.' + (
+                  ' Two cohorts: two-sided Mann-Whitney U; effect size = rank-biserial correlation (+1: every case of '
+                  'the first cohort higher, -1: lower); shift: p < 0.05, not corrected for the number of figures '
+                  '(about one in twenty crosses it by chance).' if len(labels) == 2 else ''), '']
     summ = {(s['cohort'], s['class'], s['figure']): s for s in result['summaries']}
     tests = {(t['class'], t['figure']): t for t in result['tests']}
     for name in result['classes']:
@@ -195,8 +204,8 @@ def _plot_distributions(result: dict, path: Path) -> None:
     for i, name in enumerate(classes):
         for j, f in enumerate(figures):
             ax = axes[i][j]
-            data = [[r[f] for r in result['records'] if r['cohort'] == label and r['class'] == name] for label in labels]
-            ax.boxplot(data, widths=0.5, showfliers=False)
+            data = [_values(result['records'], label, name, f) for label in labels]
+            ax.boxplot([d or [np.nan] for d in data], widths=0.5, showfliers=False)
             for k, values in enumerate(data):
                 ax.scatter(k + 1 + rng.uniform(-0.12, 0.12, len(values)), values, s=10, alpha=0.7)
             ax.set_xticks(range(1, len(labels) + 1), [label[:14] for label in labels], fontsize=7)
@@ -214,8 +223,8 @@ def _overview(result: dict, path: Path, per_end: int) -> None:
         sidecars = {sc['case']: sc for sc in _cases(Path(folder))}
         for name in result['classes']:
             recs = sorted((r for r in result['records'] if r['cohort'] == label and r['class'] == name),
-                          key=lambda r: r['energy_in_mask'])
-            chosen = recs[:per_end] + [r for r in recs[-per_end:] if r not in recs[:per_end]]
+                          key=lambda r: -1 if r['energy_in_mask'] is None else r['energy_in_mask'])
+            chosen = recs[:per_end] + [r for r in recs[len(recs) - per_end:] if r not in recs[:per_end]]
             for r in chosen:
                 sc = sidecars[r['case']]
                 seg, _ = _read(Path(folder) / sc['segmentation'])
@@ -226,9 +235,10 @@ def _overview(result: dict, path: Path, per_end: int) -> None:
                 if seg.ndim == 2:
                     seg, cam, image = seg[None], cam[None], image[None]
                 end = 'lowest' if r in recs[:per_end] else 'highest'
+                energy = 'no predicted voxels' if r['energy_in_mask'] is None else \
+                    f'energy in mask {r["energy_in_mask"]:.2f}'
                 rows.append(overview_row(window(image.astype(np.float32)), seg, cam,
-                                         f'{label} {r["case"]} {name}: energy in mask {r["energy_in_mask"]:.2f} '
-                                         f'({end})'))
+                                         f'{label} {r["case"]} {name}: {energy} ({end})'))
     stack_rows(rows, str(path))
 
 

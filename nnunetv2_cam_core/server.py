@@ -413,7 +413,7 @@ class Server:
         self.counters['tiles_run'] += res.info['tiles']
         if logits is None and r.case in self.cases:
             self.data.put(logits_key, (res.logits, res.segmentation),
-                          _tensor_bytes(res.logits) + res.segmentation.nbytes)
+                          _tensor_bytes(res.logits, res.segmentation))
         job.files = {p.name: str(p) for p in job.out.iterdir()}
 
     def health(self) -> dict:
