@@ -111,6 +111,9 @@ def test_second_request_on_a_cached_case_loads_and_preprocesses_nothing(server, 
     assert {'model', 'preprocessed case'} <= set(second['reused'])
     s1, s2 = sidecar(client, first), sidecar(client, second)
     assert list(s1['classes']) == ['lesion'] and list(s2['classes']) == ['organ'] and s2['method'] == 'hirescam'
+    # at the default layer (the last decoder stage) no tile ran a forward: its kept layer outputs stood in
+    assert s2['forwards_from_layer_cache'] == s2['tiles'] > 0
+    assert after['forwards_from_layer_cache'] - before['forwards_from_layer_cache'] == s2['tiles']
     # the results, in the uploaded image's geometry, equal a CLI run's
     files = client.download(second['id'], tmp_path / 'served', second['files'])
     assert run_cli(['-i', small_case, '-o', tmp_path / 'cli', '-m', model3d, '-f', '0', '--disable_tta',

@@ -810,9 +810,11 @@ def test_runs_on_a_local_server_started_once_reused_and_shut_down(scene, input_v
         organ = logic.run(input_volume, model3d, targetClass='organ', server='local', **common)
         assert logic.localServer.process.pid == pid  # reused
         assert logic.localServer.connection.client.health()['counters'] == {
-            **counters, 'jobs_run': counters['jobs_run'] + 1,
-            'tiles_run': counters['tiles_run'] + organ.sidecar['tiles']}  # no model load, no preprocessing
+            **counters, 'jobs_run': counters['jobs_run'] + 1, 'tiles_run': counters['tiles_run'] + organ.sidecar['tiles'],
+            # no model load, no preprocessing, and at the last decoder stage no forward pass
+            'forwards_from_layer_cache': counters['forwards_from_layer_cache'] + organ.sidecar['tiles']}
         assert 'preprocessed case' in organ.sidecar['server']['reused']
+        assert organ.sidecar['forwards_from_layer_cache'] == organ.sidecar['tiles']
         # Explain here: one click, and an ROI
         arr = slicer.util.arrayFromVolume(input_volume)
         peak = np.unravel_index(np.argmax(arr), arr.shape)

@@ -8,10 +8,10 @@ from scipy import ndimage
 from nnunetv2_cam_core.api import CamEngine
 from nnunetv2_cam_core.errors import CamError
 from nnunetv2_cam_core.demo import SPACING, write_sample_case
-from nnunetv2_cam_core.layers import resolve_layers
+from nnunetv2_cam_core.layers import LayerCache, resolve_layers
 from nnunetv2_cam_core.methods import get_method
 from nnunetv2_cam_core.model import fold_networks, load_predictor
-from nnunetv2_cam_core.sliding_window import CamSpec, RegionPrediction, sliding_window_cam
+from nnunetv2_cam_core.sliding_window import CamSpec, RegionPrediction, mirror_combinations, sliding_window_cam
 from nnunetv2_cam_core.targets import predicted_mask
 
 
@@ -215,6 +215,48 @@ def test_low_memory_gives_the_same_maps(model3d, setup, method):
     assert joint.n_tiles > 1 and joint.cams.abs().max() > 0
     assert torch.equal(joint.logits, low.logits)
     assert torch.allclose(joint.cams, low.cams, rtol=1e-4, atol=1e-5 * float(joint.cams.abs().max()))
+
+
+@pytest.mark.parametrize('method', ['hirescam', 'eigengradcam'])  # element-wise; volume pooling
+def test_kept_layer_outputs_stand_in_for_every_forward(model3d, setup, method):
+    """At the last decoder stage a first run keeps each tile x fold x mirror's layer output; another class and
+    method from those alone (the segmentation layer makes the logits and the gradients) runs no network and gives
+    the forwards' logits and maps, with TTA and two folds, in one graph per tile and one at a time."""
+    _, engine, _, data = setup
+    pred = load_predictor(model3d, [0, 1], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=True)
+    nets = fold_networks(pred)
+    small = crop(data, (20, 48, 72))  # two tiles
+    layers = resolve_layers(nets[0], ['last_decoder'])
+    cache = LayerCache(layers[0], 1 << 30)
+    first = sliding_window_cam(pred, nets, small, CamSpec(get_method('gradcam'), layers, engine.targets[:1],
+                                                          layer_cache=cache))
+    forwards = first.n_tiles * len(nets) * len(mirror_combinations(pred))
+    assert first.n_tiles == 2 and first.from_layer_cache == 0 and len(cache.outputs) == forwards
+    spec = CamSpec(get_method(method), layers, engine.targets[1:])
+    direct = sliding_window_cam(pred, nets, small, spec)
+    spec.layer_cache = cache
+    calls = []
+    hooks = [n.register_forward_hook(lambda *_: calls.append(1)) for n in nets]
+    try:
+        for low_memory in (False, True):
+            spec.low_memory = low_memory
+            kept = sliding_window_cam(pred, nets, small, spec)
+            assert not calls and kept.from_layer_cache >= forwards
+            assert torch.equal(kept.logits, direct.logits)
+            assert direct.cams.max() > 0
+            assert torch.allclose(kept.cams, direct.cams, rtol=1e-5, atol=1e-6 * float(direct.cams.max()))
+    finally:
+        for h in hooks:
+            h.remove()
+    # a budget for one tile's outputs: that tile's are kept, the other tile runs its forwards
+    some = LayerCache(layers[0], cache.nbytes // 2)
+    sliding_window_cam(pred, nets, small, CamSpec(get_method('gradcam'), layers, engine.targets[:1],
+                                                  layer_cache=some))
+    assert len(some.outputs) == forwards // 2
+    spec.layer_cache, spec.low_memory = some, False
+    half = sliding_window_cam(pred, nets, small, spec)
+    assert half.from_layer_cache == forwards // 2
+    assert torch.allclose(half.cams, direct.cams, rtol=1e-5, atol=1e-6 * float(direct.cams.max()))
 
 
 @pytest.mark.parametrize('method', ['gradcam', 'eigengradcam'])  # tile pooling; volume pooling (kept activations)

@@ -21,7 +21,7 @@ from .export import CaseOutputs, cam_format, maps_to_original, segmentation_to_o
     write_overview, write_slices
 from .failures import Failures
 from .inputs import find_cases, read_case, read_label, select_part
-from .layers import resolve_layers
+from .layers import LayerCache, resolve_layers
 from .methods import get_method
 from .cascade import PreviousStage
 from .model import fold_networks, require_previous_stage
@@ -119,17 +119,19 @@ class CamEngine:
     def run(self, data: torch.Tensor, properties: dict, mask: Optional[torch.Tensor] = None,
             on_tile: Optional[Callable[[int, int], None]] = None, keep_preprocessed: bool = False,
             stitched_logits: Optional[torch.Tensor] = None,
-            stitched_segmentation: Optional[np.ndarray] = None) -> CaseResult:
+            stitched_segmentation: Optional[np.ndarray] = None,
+            layer_cache: Optional[LayerCache] = None) -> CaseResult:
         """Preprocessed data and its properties -> segmentation and CAMs in the original geometry, in memory.
         With `stitched_logits` (an earlier full run's of this case) and a mask (or one per target), only the tiles
         that overlap the mask run: a tile without target voxels adds nothing to a map, so the maps equal a full
         run's with that mask, and the segmentation is the earlier run's (`stitched_segmentation`, if kept, is not
-        exported again)."""
+        exported again). A `layer_cache` keeps the target layer's outputs, or stands in for forwards where it holds
+        them (`LayerCache`)."""
         p = self.predictor
         t0 = time.perf_counter()
         only = None if stitched_logits is None or mask is None else mask if mask.ndim == data.ndim - 1 else mask.any(0)
         spec = CamSpec(self.method, self.layers, self.targets, self.pooling, self.region, mask, self.low_memory,
-                       channel_attribution=self.channel_attribution, only_region=only)
+                       channel_attribution=self.channel_attribution, only_region=only, layer_cache=layer_cache)
         out = sliding_window_cam(p, self.networks, data, spec, on_tile)
         if stitched_logits is not None:
             out.logits = stitched_logits
@@ -158,6 +160,7 @@ class CamEngine:
                 stats[t.name]['channel_attribution'] = dict(zip(input_channel_names(p), shares))
         t3 = time.perf_counter()
         info = {'tiles': out.n_tiles, 'classes': stats, 'low_memory': out.low_memory,
+                'forwards_from_layer_cache': out.from_layer_cache,
                 'out_of_memory_retry': out.out_of_memory_retry,
                 'timings_s': {'sliding_window': round(t1 - t0, 3), 'export': round(t2 - t1, 3),
                               'statistics': round(t3 - t2, 3)}}
@@ -218,6 +221,7 @@ class PreparedCase:
     mask: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     segmentation: Optional[np.ndarray] = None  # the logits' exported segmentation
+    layer_cache: Optional[LayerCache] = None
 
 
 @dataclass
@@ -351,7 +355,8 @@ def _run_case(engine, case, files, out_dir, rw, ending, opts: CaseOptions, prev_
     progress.stage('tiles', case)
     res = engine.run(data, props, mask, on_tile=progress.tiles,
                      keep_preprocessed=opts.evaluation is not None or pc is not None,
-                     stitched_logits=pc.logits if pc else None, stitched_segmentation=pc.segmentation if pc else None)
+                     stitched_logits=pc.logits if pc else None, stitched_segmentation=pc.segmentation if pc else None,
+                     layer_cache=pc.layer_cache if pc else None)
     timings = {'previous_stage': round(t_previous - t0, 3), 'preprocess': round(t1 - t_previous, 3),
                **res.info['timings_s']}
     evaluation = spread = None
@@ -411,6 +416,8 @@ def _run_case(engine, case, files, out_dir, rw, ending, opts: CaseOptions, prev_
                    'previous_stage': None if previous is None else {'model': str(previous.folder),
                                                                     'folds': previous.folds},
                    'device': str(p.device), 'tiles': res.info['tiles'], 'timings_s': timings,
+                   **({'forwards_from_layer_cache': res.info['forwards_from_layer_cache']} if pc and pc.layer_cache
+                      else {}),
                    'segmentation': case + ending, 'cams': files_by_class, 'classes': res.info['classes'],
                    'evaluation_settings': None if evaluation is None else {
                        **asdict(opts.evaluation), 'reference_mask': opts.reference_mask,

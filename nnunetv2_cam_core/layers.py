@@ -1,6 +1,6 @@
 """Target layers: names, defaults, listing, and capturing their outputs during the forward pass."""
 import difflib
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -39,6 +39,35 @@ def resolve_layers(network: nn.Module, names: Sequence[str]) -> List[str]:
                              f'(run --list-layers -m MODEL to see all)')
         out.append(key)
     return out
+
+
+def head_of(network: nn.Module, names: Sequence[str]) -> Optional[nn.Module]:
+    """The module that makes the network's output from the one target layer's, where that is all that follows it:
+    the segmentation layer after the last decoder stage (no deep supervision). None otherwise."""
+    dec = getattr(network, 'decoder', None)
+    if len(names) != 1 or getattr(dec, 'deep_supervision', True) or not hasattr(dec, 'seg_layers'):
+        return None
+    return dec.seg_layers[-1] if names[0] == decoder_stages(network)[-1] else None
+
+
+class LayerCache:
+    """A case's target-layer outputs, per tile and forward (fold x mirror), kept by one run for the next ones at
+    that layer (the server's): where only the segmentation layer follows it (`head_of`), another class or method
+    needs no forward pass, as the logits and the gradients come from the kept output and that layer alone. Holds
+    at most `budget_bytes`; tiles beyond it run as usual."""
+
+    def __init__(self, layer: str, budget_bytes: int):
+        self.layer, self.budget, self.nbytes = layer, budget_bytes, 0
+        self.outputs: Dict[tuple, torch.Tensor] = {}
+
+    def get(self, key: tuple) -> Optional[torch.Tensor]:
+        return self.outputs.get(key)
+
+    def keep(self, key: tuple, output: torch.Tensor) -> None:
+        n = output.nelement() * output.element_size()
+        if key not in self.outputs and self.nbytes + n <= self.budget:
+            self.outputs[key] = output.detach().to('cpu')
+            self.nbytes += n
 
 
 class LayerCapture:

@@ -1,6 +1,7 @@
 """`nnunetv2_cam serve`: an HTTP server over CamEngine. Models and cases stay loaded; explanations run as jobs, one
 at a time, with the same progress events as `--progress json`; a region is re-explained from the tiles that overlap
-it alone, on the cached case and the cached stitched logits.
+it alone, on the cached case and the cached stitched logits; at the last decoder stage another class or method
+needs no forward pass (the layer's outputs are kept).
 
 Safe by default: loopback only, a bearer token on every request, model folders only under `--models` roots, opaque
 ids, bounded uploads, cache and queue.
@@ -33,8 +34,10 @@ from pydantic import BaseModel, Field
 from .api import CamEngine, PreparedCase, _safe, _versions, run_cases
 from .errors import CamError, UsageError, one_line
 from .inputs import read_label
+from .layers import LayerCache, head_of
 from .model import describe_model, fold_networks, load_predictor, resolve_device, resolve_folds
 from .progress import Progress
+from .sliding_window import layer_outputs_bytes
 from .targets import predicted_mask
 
 API = '/v1'
@@ -125,6 +128,12 @@ class Cache:
             while len(self.items) > 1 and self.bytes() > self.limit:
                 self.items.popitem(last=False)
 
+    def reserve(self, nbytes: int) -> None:
+        """Room for nbytes more, the least recently used dropped first."""
+        with self.lock:
+            while self.items and self.bytes() + nbytes > self.limit:
+                self.items.popitem(last=False)
+
     def drop(self, match) -> None:
         with self.lock:
             for key in [k for k in self.items if match(k)]:
@@ -150,11 +159,13 @@ class Server:
         self.work = Path(work or tempfile.mkdtemp(prefix='nnunetcam-server-'))
         self.cases: Dict[str, dict] = {}
         self.models: Dict[tuple, tuple] = {}  # (folder, folds, checkpoint) -> (predictor, networks)
-        # (case, folder) -> PreparedCase; (case, model key) -> (stitched logits, their segmentation)
+        # (case, folder) -> PreparedCase; (case, model key) -> (stitched logits, their segmentation);
+        # (case, model key, layers) -> LayerCache
         self.data = Cache(int(cache_mb * 1024 ** 2))
         self.jobs: Dict[str, Job] = {}
         self.queue: 'queue.Queue[Job]' = queue.Queue(maxsize=queue_size)
-        self.counters = {'model_loads': 0, 'preprocessings': 0, 'jobs_run': 0, 'tiles_run': 0}
+        self.counters = {'model_loads': 0, 'preprocessings': 0, 'jobs_run': 0, 'tiles_run': 0,
+                         'forwards_from_layer_cache': 0}
         threading.Thread(target=self._worker, daemon=True).start()
 
     def close(self, wait_s: float = 5) -> None:
@@ -403,7 +414,16 @@ class Server:
                 mask, logits, seg, target_mask = None, None, None, 'tile ensemble'
         if logits is not None:
             job.reused.append('stitched logits: only the tiles with target voxels ran')
-        prepared = PreparedCase(pc.data, pc.properties, pc.image, mask, logits, seg)
+        layers_key = (r.case, key, tuple(engine.layers))
+        layer_cache = self.data.get(layers_key)
+        if layer_cache is not None:
+            job.reused.append('target-layer outputs: the segmentation layer alone made the logits and gradients')
+        elif head_of(networks[0], engine.layers) is not None:
+            # at most half the cache, made room for before the run: the case and its logits stay
+            need = min(layer_outputs_bytes(pred, networks, pc.data.shape[1:]), self.data.limit // 2)
+            layer_cache = LayerCache(engine.layers[0], need)
+            self.data.reserve(need)
+        prepared = PreparedCase(pc.data, pc.properties, pc.image, mask, logits, seg, layer_cache)
         progress = Progress('json', stream=job)
         results = run_cases(engine, self.case(r.case)['files'], job.out, prepared=prepared, progress=progress,
                             run_info={'model': str(job.folder), 'folds': list(key[1]), 'checkpoint': r.checkpoint,
@@ -411,6 +431,9 @@ class Server:
                                                  'target_mask': target_mask}})
         res = results[self.case(r.case)['name']]
         self.counters['tiles_run'] += res.info['tiles']
+        self.counters['forwards_from_layer_cache'] += res.info['forwards_from_layer_cache']
+        if layer_cache is not None and layer_cache.outputs and r.case in self.cases:
+            self.data.put(layers_key, layer_cache, layer_cache.nbytes)
         if logits is None and r.case in self.cases:
             self.data.put(logits_key, (res.logits, res.segmentation),
                           _tensor_bytes(res.logits, res.segmentation))

@@ -10,6 +10,7 @@ disagree about a voxel, the fraction is reported as `tile_mask_disagreement`.
 """
 import contextlib
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -19,7 +20,7 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.utilities.helpers import empty_cache
 
 from .errors import CamError
-from .layers import LayerCapture
+from .layers import LayerCache, LayerCapture, head_of
 from .methods import CamMethod
 from .targets import Target, predicted_mask, target_masks
 from .tile_plan import TilePlan
@@ -41,6 +42,8 @@ class CamSpec:
     only_region: Optional[torch.Tensor] = None
     # also the gradient x input at the network input, summed per input channel (a full backward per tile)
     channel_attribution: bool = False
+    # the case's target-layer outputs: kept by this run, or used instead of a forward where kept (`LayerCache`)
+    layer_cache: Optional[LayerCache] = None
 
 
 @dataclass
@@ -52,6 +55,7 @@ class CamOutput:
     low_memory: bool = False  # also True after an out-of-memory retry
     out_of_memory_retry: bool = False
     channel_attribution: Optional[torch.Tensor] = None  # (n_targets, input channels): sum of |x * dS/dx|
+    from_layer_cache: int = 0  # tile forwards replaced by the layer cache
 
 
 def combine_layers(cams: torch.Tensor) -> torch.Tensor:
@@ -92,11 +96,20 @@ def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: tor
             run.act_store, run.grad_store = {}, {}
             run.low_memory, results_device, retried = True, torch.device('cpu'), True
             empty_cache(device)
-    out.low_memory, out.out_of_memory_retry = run.low_memory, retried
+    out.low_memory, out.out_of_memory_retry, out.from_layer_cache = run.low_memory, retried, run.from_cache
     keep = tuple(revert[1:])
     out.logits = out.logits[(slice(None), *keep)].cpu()
     out.cams = out.cams[(slice(None), slice(None), *keep)].cpu()
     return out
+
+
+def layer_outputs_bytes(predictor, networks: Sequence[torch.nn.Module], shape: Sequence[int]) -> int:
+    """What a LayerCache of every tile x fold x mirror at the last decoder stage holds for a case of this shape
+    (the layer's outputs are float16 under CUDA's autocast)."""
+    patch = [int(p) for p in predictor.configuration_manager.patch_size]
+    tiles = predictor._internal_get_sliding_window_slicers(tuple(max(s, p) for s, p in zip(shape, patch)))
+    per_voxel = networks[0].decoder.seg_layers[-1].in_channels * (2 if predictor.device.type == 'cuda' else 4)
+    return len(tiles) * len(networks) * len(mirror_combinations(predictor)) * math.prod(patch) * per_voxel
 
 
 def _pad_mask(predictor, m: torch.Tensor) -> torch.Tensor:
@@ -210,10 +223,15 @@ class _SlidingWindowRun:
         self.patch = [int(p) for p in predictor.configuration_manager.patch_size]
         self.volume_pooling = spec.method.pooled and (spec.pooling or spec.method.default_pooling) == 'volume'
         self.reported = 0  # tiles reported to on_tile: a retry after out-of-memory does not run progress backwards
+        cache = spec.layer_cache
+        heads = [head_of(n, spec.layers) for n in networks] if cache is not None and cache.layer == spec.layers[0] \
+            and not spec.channel_attribution else []
+        self.heads = heads if heads and None not in heads else None  # per fold: output from the layer's
+        self.from_cache = 0
 
     def __call__(self, results_device: torch.device) -> CamOutput:
         p, spec = self.predictor, self.spec
-        self.results_device = results_device
+        self.results_device, self.from_cache = results_device, 0
         shape = self.padded.shape[1:]
         plan = self.plan.to(results_device)
         n_t, n_l = len(spec.targets), len(spec.layers)
@@ -255,19 +273,34 @@ class _SlidingWindowRun:
                 disagreement[i] = float(split.sum()) / max(1, int(final[i].sum()))
         return CamOutput(logits, cams, len(self.tiles), disagreement, channel_attribution=self.attribution)
 
-    def _forward(self, net, cap, dims, x):
-        """One forward of a tile: (output mirrored back, target-layer outputs)."""
+    def _forward(self, f, cap, dims, x, key):
+        """One forward of a tile by fold f: (output mirrored back, target-layer outputs). Where the layer cache
+        holds this forward's layer output, the segmentation layer alone makes the output from it."""
         cap.outputs = {}
-        out = net(x.flip(dims) if dims else x)
-        missing = [n for n in self.spec.layers if n not in cap.outputs]
-        if missing:
-            raise CamError(f'target layer {missing[0]} is not used in the forward pass at inference; '
-                           f'pick another (--list-layers marks the unused ones)')
+        kept = self.spec.layer_cache.get(key) if self.heads else None
+        if kept is not None:
+            a = kept.to(x.device).detach().requires_grad_(torch.is_grad_enabled())
+            cap.outputs[self.spec.layers[0]] = a
+            out = self.heads[f](a)
+            self.from_cache += 1
+        else:
+            out = self.networks[f](x.flip(dims) if dims else x)
+            missing = [n for n in self.spec.layers if n not in cap.outputs]
+            if missing:
+                raise CamError(f'target layer {missing[0]} is not used in the forward pass at inference; '
+                               f'pick another (--list-layers marks the unused ones)')
+            if self.heads:
+                self.spec.layer_cache.keep(key, cap.outputs[self.spec.layers[0]])
         return (out.flip(dims) if dims else out), [cap.outputs[n] for n in self.spec.layers]
 
-    def _forwards(self, x, captures):
-        """Every fold x mirror forward of one tile: (outputs mirrored back, target-layer outputs per forward)."""
-        runs = [self._forward(net, cap, dims, x) for net, cap in zip(self.networks, captures) for dims in self.mirrors]
+    def _each_forward(self, captures):
+        """(fold, its capture, mirror dims, forward index) in the ensemble's order: fold, then mirror."""
+        pairs = [(f, cap, dims) for f, cap in enumerate(captures) for dims in self.mirrors]
+        return [(f, cap, dims, j) for j, (f, cap, dims) in enumerate(pairs)]
+
+    def _forwards(self, k, x, captures):
+        """Every fold x mirror forward of tile k: (outputs mirrored back, target-layer outputs per forward)."""
+        runs = [self._forward(f, cap, dims, x, (k, j)) for f, cap, dims, j in self._each_forward(captures)]
         return [r[0] for r in runs], [r[1] for r in runs]
 
     def _tile(self, k, x, captures, share, cams, sl):
@@ -279,7 +312,7 @@ class _SlidingWindowRun:
         if self.attribution is not None:
             x = x.detach().requires_grad_(True)
         with torch.enable_grad() if keep_graphs else torch.no_grad():
-            outs, acts = self._forwards(x, captures)
+            outs, acts = self._forwards(k, x, captures)
         tile_logits = torch.stack([o.float() for o in outs]).sum(0)[0] / n  # float16 under autocast: sum in float32
         region_mask = None if self.mask is None else self.mask[(Ellipsis, *sl[1:])].to(tile_logits.device)
         masks = target_masks(tile_logits.detach(), spec.targets, self.predictor.label_manager.has_regions,
@@ -300,7 +333,7 @@ class _SlidingWindowRun:
                     # undo the 1/(folds*mirrors) of the average: each forward's map is a full map of that network
                     grads[i] = [torch.zeros_like(a) if gi is None else gi * n for gi, a in zip(g, leaves)]
             elif active:
-                acts = self._backward_one_at_a_time(x, captures, active, upstreams, grads, masks)
+                acts = self._backward_one_at_a_time(k, x, captures, active, upstreams, grads, masks)
         tile_logits = tile_logits.detach()
         for l in range(len(spec.layers)):
             A = torch.cat([acts[j][l].detach() for j in range(n)])
@@ -321,23 +354,22 @@ class _SlidingWindowRun:
                 cams[(i, l, *sl[1:])] += self._to_tile(raw, share).to(self.results_device)
         return tile_logits, masks
 
-    def _backward_one_at_a_time(self, x, captures, active, upstreams, grads, masks) -> list:
+    def _backward_one_at_a_time(self, k, x, captures, active, upstreams, grads, masks) -> list:
         """Each forward again, with its graph, and its backward right away: same gradients as the joint backward
         of the ensemble (it is a sum), one graph alive at a time. Returns the recomputed target-layer outputs."""
         acts, grads_x = [], {i: 0 for i in active}
         for i in active:
             grads[i] = []
-        for net, cap in zip(self.networks, captures):
-            for dims in self.mirrors:
-                with torch.enable_grad():
-                    out, leaves = self._forward(net, cap, dims, x)
-                    out = out.float()[0]
-                    for j, i in enumerate(active):
-                        g, grad_x = self._grad(out, leaves, x, upstreams[i], retain=j < len(active) - 1)
-                        grads[i] += [torch.zeros_like(a) if gi is None else gi for gi, a in zip(g, leaves)]
-                        if grad_x is not None:
-                            grads_x[i] = grads_x[i] + grad_x
-                acts.append([a.detach() for a in leaves])
+        for f, cap, dims, n in self._each_forward(captures):
+            with torch.enable_grad():
+                out, leaves = self._forward(f, cap, dims, x, (k, n))
+                out = out.float()[0]
+                for j, i in enumerate(active):
+                    g, grad_x = self._grad(out, leaves, x, upstreams[i], retain=j < len(active) - 1)
+                    grads[i] += [torch.zeros_like(a) if gi is None else gi for gi, a in zip(g, leaves)]
+                    if grad_x is not None:
+                        grads_x[i] = grads_x[i] + grad_x
+            acts.append([a.detach() for a in leaves])
         if self.attribution is not None:
             for i in active:
                 self._attribute(i, x, grads_x[i], masks[i])
