@@ -3,7 +3,8 @@
     python benchmarks/server.py
 
 tiny 3d_fullres fold 0, no TTA, gradcam at the default layer. First explanation through the server (model load and
-preprocessing included), another class and another method on the cached case, a box around each lesion (the tiles it
+preprocessing included), another class and another method on the cached case (with the forwards the kept layer
+outputs stood in for, and the cache's size after the first: case, logits and layer outputs), a box around each lesion (the tiles it
 overlaps and the time), and the
 server's peak RSS with the case cached against a CLI run's. Then ten cases explained one after the other on a server whose
 --cache-mb holds about four: the cache's bytes after each, and the peak RSS. Writes benchmarks/results/server.json.
@@ -29,7 +30,7 @@ def timed(client, model, case, **request):
     seconds = time.perf_counter() - t
     name = next(f for f in job['files'] if f.endswith('_cam.json'))
     sidecar = json.loads(client._call('GET', f'/jobs/{job["id"]}/files/{name}').content)
-    return round(seconds, 2), sidecar['tiles'], sidecar['timings_s']
+    return round(seconds, 2), sidecar['tiles'], sidecar.get('forwards_from_layer_cache', 0)
 
 
 def start(results: Path, tmp: Path, *extra, device: str = 'cpu') -> tuple:
@@ -92,6 +93,7 @@ def main() -> int:
         try:
             case_id = client.upload([str(case)])
             first = timed(client, model_id, case_id, classes=['lesion'])
+            cache_mb = client.health()['cache_bytes'] / 1024 ** 2
             other = timed(client, model_id, case_id, classes=['organ'])
             method = timed(client, model_id, case_id, classes=['lesion'], method='hirescam')
             # a 7x7x5-voxel box around each lesion's centre: how many tiles it overlaps depends on where the lesion
@@ -112,9 +114,10 @@ def main() -> int:
     rows = {'tiles': first[1], 'cli_run_s': round(cli_s, 2),
             'first_explanation_s': first[0],
             'another_class_cached_s': other[0], 'another_class_tiles': other[1],
-            'another_class_ratio': round(other[0] / first[0], 2),
+            'another_class_ratio': round(other[0] / first[0], 2), 'another_class_forwards_from_layer_cache': other[2],
             'another_method_cached_s': method[0], 'another_method_tiles': method[1],
             'another_method_ratio': round(method[0] / first[0], 2),
+            'another_method_forwards_from_layer_cache': method[2], 'cache_mb_after_first': round(cache_mb, 1),
             'boxes': [{'tiles': b[1], 's': b[0], 'ratio': round(b[0] / first[0], 2)} for b in sorted(boxes, key=lambda b: b[1])],
             'cli_peak_rss_mb': round(cli_rss), 'server_peak_rss_mb': round(rss),
             'rss_ratio': round(rss / cli_rss, 2), 'ten_cases': many}

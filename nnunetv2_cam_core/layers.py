@@ -59,15 +59,20 @@ class LayerCache:
     def __init__(self, layer: str, budget_bytes: int):
         self.layer, self.budget, self.nbytes = layer, budget_bytes, 0
         self.outputs: Dict[tuple, torch.Tensor] = {}
+        self.block: Optional[torch.Tensor] = None
 
     def get(self, key: tuple) -> Optional[torch.Tensor]:
         return self.outputs.get(key)
 
     def keep(self, key: tuple, output: torch.Tensor) -> None:
-        n = output.nelement() * output.element_size()
-        if key not in self.outputs and self.nbytes + n <= self.budget:
-            self.outputs[key] = output.detach().to('cpu')
-            self.nbytes += n
+        n = -(-output.nelement() * output.element_size() // 64) * 64
+        if key in self.outputs or self.nbytes + n > self.budget:
+            return
+        if self.block is None:  # one allocation: outputs kept one by one would strand freed memory between them
+            self.block = torch.empty(self.budget, dtype=torch.uint8)
+        part = self.block[self.nbytes:self.nbytes + output.nelement() * output.element_size()]
+        self.outputs[key] = part.view(output.dtype).view(output.shape).copy_(output.detach())
+        self.nbytes += n
 
 
 class LayerCapture:

@@ -569,7 +569,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help='bearer token file (default: a new random token in a 0600 file under the cache)')
     p.add_argument('-device', default='auto')
     p.add_argument('--max-upload-mb', type=float, default=1024)
-    p.add_argument('--cache-mb', type=float, default=4096, help='preprocessed cases and logits kept (LRU)')
+    p.add_argument('--cache-mb', type=float, default=4096, help='preprocessed cases, logits and layer outputs kept (LRU)')
     p.add_argument('--queue', type=int, default=8, help='jobs waiting at most; more get 503')
     p.add_argument('--abandon-s', type=float, default=60,
                    help='cancel a running job whose client has not asked about it for this long (default: 60)')
