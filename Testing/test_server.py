@@ -180,6 +180,38 @@ def test_a_region_runs_its_tiles_alone_and_equals_a_full_run_with_that_mask(serv
                           sitk.GetArrayFromImage(sitk.ReadImage(str(seg_full))))
 
 
+def test_job_events_stream_as_server_sent_events_while_the_job_runs(server, client, small_case, model3d):
+    """A job's events arrive as server-sent events while it runs (the first before it ends), each with its index
+    as id, the same as the polled list; `since` takes a stream up where it stopped; the token and the job id are
+    checked before a stream opens."""
+    url, token, _, results_dir = server
+    auth = {'Authorization': f'Bearer {token}'}
+    job_id = client.explain(model_id(model3d, results_dir), client.upload([str(small_case)]), classes=['lesion'],
+                            tta=False, folds=[0])
+    events, ids, status_at_first = [], [], None
+    with requests.get(f'{url}/v1/jobs/{job_id}/stream', headers=auth, stream=True, timeout=60) as r:
+        assert r.status_code == 200 and r.headers['content-type'].startswith('text/event-stream')
+        for line in r.iter_lines(decode_unicode=True):
+            if line.startswith('id:'):
+                ids.append(int(line[3:]))
+            if line.startswith('data:'):
+                events.append(json.loads(line[5:]))
+                status_at_first = status_at_first or client._call('GET', f'/jobs/{job_id}').json()['status']
+    job = client._call('GET', f'/jobs/{job_id}').json()
+    assert job['status'] == 'done' and status_at_first in ('queued', 'running')
+    assert ids == list(range(len(events)))
+    assert events == client._call('GET', f'/jobs/{job_id}/events').json() and len(events) == job['events'] > 2
+    assert {'stage', 'tiles'} <= {e['event'] for e in events}
+    with requests.get(f'{url}/v1/jobs/{job_id}/stream', params={'since': 2}, headers=auth, stream=True,
+                      timeout=60) as r:
+        rest = [json.loads(line[5:]) for line in r.iter_lines(decode_unicode=True) if line.startswith('data:')]
+    assert rest == events[2:]
+    assert requests.get(f'{url}/v1/jobs/{job_id}/stream', timeout=10).status_code == 401
+    assert requests.get(f'{url}/v1/jobs/{"0" * len(job_id)}/stream', headers=auth, timeout=10).status_code == 404
+    seen = []
+    assert client.wait(job_id, seen.append)['status'] == 'done' and seen == events
+
+
 def test_cancel_stops_the_job_and_the_next_one_runs(server, client, large_case, small_case, model3d):
     model = model_id(model3d, server[3])
     case = client.upload([str(large_case)])
@@ -188,7 +220,7 @@ def test_cancel_stops_the_job_and_the_next_one_runs(server, client, large_case, 
         time.sleep(0.1)
     t = time.perf_counter()
     client.cancel(job_id)
-    job = client.wait(job_id, poll_s=0.05)
+    job = client.wait(job_id)
     assert job['status'] == 'cancelled' and time.perf_counter() - t < 2 and not job['files']
     run(client, model, client.upload([str(small_case)]), classes=['lesion'], tta=False)
 
@@ -268,7 +300,13 @@ def test_a_job_whose_client_went_away_is_abandoned(results_dir, large_case, mode
     try:
         job_id = client.explain(model_id(model3d, results_dir), client.upload([str(large_case)]),
                                 classes=['lesion'], folds=[0], tta=False)  # 75 tiles: longer than 2 s
-        time.sleep(8)  # the client stops asking
+        with client.session.get(f'{client.url}/jobs/{job_id}/stream', stream=True, timeout=30) as r:
+            t = time.monotonic()
+            for _ in r.iter_lines():  # a client listening to the stream keeps the job alive past --abandon-s
+                if time.monotonic() - t > 4:
+                    break
+        assert client._call('GET', f'/jobs/{job_id}').json()['status'] == 'running'
+        time.sleep(8)  # the stream closed: the client stops asking
         job = client.wait(job_id)
         assert job['status'] == 'cancelled' and 'abandoned' in job['error']
         assert client.health()['queued'] == 0

@@ -25,7 +25,7 @@ from nnunetv2_cam_core.demo import SPACING, build_tiny_models, default_cache, mo
 
 def timed(client, model, case, **request):
     t = time.perf_counter()
-    job = client.wait(client.explain(model, case, folds=[0], tta=False, **request), poll_s=0.05)
+    job = client.wait(client.explain(model, case, folds=[0], tta=False, **request))
     assert job['status'] == 'done', job
     seconds = time.perf_counter() - t
     name = next(f for f in job['files'] if f.endswith('_cam.json'))

@@ -1,11 +1,13 @@
 """A small client of `nnunetv2_cam serve`."""
-import time
+import json
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import requests
 
 from .errors import CamError, UsageError
+
+ENDED = ('done', 'failed', 'cancelled')
 
 
 class ServerClient:
@@ -49,18 +51,23 @@ class ServerClient:
         """Returns the job id; `request` holds ExplainRequest's other fields."""
         return self._call('POST', '/explain', json={'model': model, 'case': case, **request}).json()['id']
 
-    def wait(self, job_id: str, on_event: Optional[Callable[[dict], None]] = None, poll_s: float = 0.2) -> dict:
-        """Until the job ends, passing each progress event on; returns the job (status, error, files)."""
+    def wait(self, job_id: str, on_event: Optional[Callable[[dict], None]] = None) -> dict:
+        """Until the job ends, passing each progress event on as the server streams it (a dropped stream is taken
+        up where it stopped); returns the job (status, error, files)."""
         seen = 0
         while True:
+            try:
+                with self._call('GET', f'/jobs/{job_id}/stream', params={'since': seen}, stream=True) as r:
+                    for line in r.iter_lines(decode_unicode=True):
+                        if line.startswith('data:'):
+                            seen += 1
+                            if on_event:
+                                on_event(json.loads(line[5:]))
+            except requests.RequestException:
+                pass
             job = self._call('GET', f'/jobs/{job_id}').json()
-            for event in self._call('GET', f'/jobs/{job_id}/events', params={'since': seen}).json():
-                seen += 1
-                if on_event:
-                    on_event(event)
-            if job['status'] in ('done', 'failed', 'cancelled'):
+            if job['status'] in ENDED and seen >= job['events']:
                 return job
-            time.sleep(poll_s)
 
     def cancel(self, job_id: str) -> None:
         """Cancel a running or queued job; remove an ended one and its files from the server."""

@@ -7,6 +7,7 @@ Safe by default: loopback only, a bearer token on every request, model folders o
 ids, bounded uploads, cache and queue.
 """
 import argparse
+import asyncio
 import json
 import os
 import queue
@@ -29,9 +30,11 @@ import torch
 from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field
 
 from .api import CamEngine, PreparedCase, _safe, _versions, run_cases
+from .client import ENDED
 from .errors import CamError, UsageError, one_line
 from .inputs import read_label
 from .layers import LayerCache, head_of
@@ -361,7 +364,7 @@ class Server:
         """Cancel a job; one that has ended is removed with its files."""
         job = self.job(job_id)
         job.cancel.set()
-        if job.status in ('done', 'failed', 'cancelled') and self.jobs.pop(job_id, None) is not None:
+        if job.status in ENDED and self.jobs.pop(job_id, None) is not None:
             shutil.rmtree(job.out.parent, ignore_errors=True)
         return job
 
@@ -380,20 +383,19 @@ class Server:
             job.status, job.seen = 'running', time.monotonic()
             try:
                 self._run(job)
-                job.status = 'done'
+                status = 'done'
             except Cancelled:
-                job.status = 'cancelled'
+                status = 'cancelled'
             except CamError as e:
-                job.status, job.error = 'failed', str(e)
+                status, job.error = 'failed', str(e)
             except BaseException as e:  # the same one line as the CLI's; the server (this worker) goes on
-                job.status = 'failed'
-                job.error = one_line(e)
-            finally:
-                self.counters['jobs_run'] += 1
-            if job.status != 'done':  # nothing partial left behind
+                status, job.error = 'failed', one_line(e)
+            self.counters['jobs_run'] += 1
+            if status != 'done':  # nothing partial left behind
                 shutil.rmtree(job.out.parent, ignore_errors=True)
-            if job.status == 'failed':
+            if status == 'failed':
                 job.events.append({'event': 'error', 'message': job.error})
+            job.status = status  # last: a job seen ended has all its events and files
 
     def _run(self, job: Job) -> None:
         r = job.request
@@ -493,6 +495,22 @@ def create_app(server: Server) -> FastAPI:
     @app.get(f'{API}/jobs/{{job_id}}/events')
     def events(job_id: str, since: int = 0):
         return server.job(job_id).events[since:]
+
+    def job_of(job_id: str) -> Job:
+        return server.job(job_id)
+
+    @app.get(f'{API}/jobs/{{job_id}}/stream', response_class=EventSourceResponse)
+    async def stream(job: Job = Depends(job_of), since: int = 0):
+        """The job's events from `since` on as server-sent events (`id`: the event's index), until it ends."""
+        while True:
+            job.seen = time.monotonic()  # a client listens: not abandoned
+            ended = job.status in ENDED
+            for event in job.events[since:]:
+                yield ServerSentEvent(data=event, id=str(since))
+                since += 1
+            if ended:
+                return
+            await asyncio.sleep(0.05)
 
     @app.get(f'{API}/jobs/{{job_id}}/files/{{name}}')
     def result_file(job_id: str, name: str):
