@@ -7,11 +7,12 @@ from scipy import ndimage
 
 from nnunetv2_cam_core.api import CamEngine
 from nnunetv2_cam_core.errors import CamError
-from nnunetv2_cam_core.demo import SPACING, write_sample_case
+from nnunetv2_cam_core.demo import SPACING, model_folder, write_sample_case
 from nnunetv2_cam_core.layers import LayerCache, resolve_layers
 from nnunetv2_cam_core.methods import get_method
 from nnunetv2_cam_core.model import fold_networks, load_predictor
-from nnunetv2_cam_core.sliding_window import CamSpec, RegionPrediction, mirror_combinations, sliding_window_cam
+from nnunetv2_cam_core.sliding_window import CamSpec, RegionPrediction, layer_outputs_bytes, mirror_combinations, \
+    sliding_window_cam
 from nnunetv2_cam_core.targets import predicted_mask
 
 
@@ -257,6 +258,29 @@ def test_kept_layer_outputs_stand_in_for_every_forward(model3d, setup, method):
     half = sliding_window_cam(pred, nets, small, spec)
     assert half.from_layer_cache == forwards // 2
     assert torch.allclose(half.cams, direct.cams, rtol=1e-5, atol=1e-6 * float(direct.cams.max()))
+
+
+@pytest.mark.parametrize('configuration, plans, folds', [('2d', 'nnUNetPlans', [0]),
+                                                         ('3d_fullres', 'nnUNetPlans', [0, 1]),
+                                                         ('3d_fullres', 'nnUNetResEncUNetMPlans', [0])])
+def test_the_layer_cache_is_sized_before_the_run_as_a_run_fills_it(results_dir, small_case, configuration, plans,
+                                                                   folds):
+    """The server sizes a case's layer cache before the run: the bytes a full run at the last decoder stage keeps,
+    with TTA, for a 2D model (whose slices axis is not padded), a 3D one with two folds and a ResEnc one. In low
+    memory the second pass replays the run's own outputs, which no count reports as an earlier run's."""
+    pred = load_predictor(model_folder(results_dir, configuration, plans), folds, 'checkpoint_final.pth',
+                          torch.device('cpu'), use_mirroring=True)
+    nets = fold_networks(pred)
+    engine = CamEngine(pred, target_class='lesion', networks=nets)
+    data = engine.preprocess([str(small_case)])[0]
+    layers = resolve_layers(nets[0], ['last_decoder'])
+    expected = layer_outputs_bytes(pred, nets, data.shape[1:])
+    cache = LayerCache(layers[0], 2 * expected)
+    out = sliding_window_cam(pred, nets, data, CamSpec(get_method('gradcam'), layers, engine.targets,
+                                                       low_memory=True, layer_cache=cache))
+    assert out.from_layer_cache == 0
+    assert len(cache.outputs) == out.n_tiles * len(nets) * len(mirror_combinations(pred))
+    assert cache.nbytes == expected > 0
 
 
 @pytest.mark.parametrize('method', ['gradcam', 'eigengradcam'])  # tile pooling; volume pooling (kept activations)

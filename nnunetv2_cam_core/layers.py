@@ -3,6 +3,8 @@ import difflib
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from dynamic_network_architectures.building_blocks.unet_residual_decoder import UNetResDecoder
 from torch import nn
 
 from .errors import UsageError
@@ -45,7 +47,8 @@ def head_of(network: nn.Module, names: Sequence[str]) -> Optional[nn.Module]:
     """The module that makes the network's output from the one target layer's, where that is all that follows it:
     the segmentation layer after the last decoder stage (no deep supervision). None otherwise."""
     dec = getattr(network, 'decoder', None)
-    if len(names) != 1 or getattr(dec, 'deep_supervision', True) or not hasattr(dec, 'seg_layers'):
+    # nnU-Net's decoders apply seg_layers[-1] to the last stage's output and do nothing after it
+    if len(names) != 1 or not isinstance(dec, (UNetDecoder, UNetResDecoder)) or dec.deep_supervision:
         return None
     return dec.seg_layers[-1] if names[0] == decoder_stages(network)[-1] else None
 

@@ -27,7 +27,7 @@ from typing import Dict, List, Literal, Optional, Union
 
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Header, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -421,10 +421,15 @@ class Server:
         if layer_cache is not None:
             job.reused.append('target-layer outputs: the segmentation layer alone made the logits and gradients')
         elif head_of(networks[0], engine.layers) is not None:
-            # at most half the cache, made room for before the run: the case and its logits stay
-            need = min(layer_outputs_bytes(pred, networks, pc.data.shape[1:]), self.data.limit // 2)
-            layer_cache = LayerCache(engine.layers[0], need)
-            self.data.reserve(need)
+            # what the case and its logits leave, at most half the cache, made room for before the run
+            heads = networks[0].decoder.seg_layers[-1].out_channels
+            case_bytes = _tensor_bytes(pc.data, pc.image) + (_tensor_bytes(logits, seg) if logits is not None
+                                                              else pc.data[0].nelement() * (4 * heads + 1))
+            need = min(layer_outputs_bytes(pred, networks, pc.data.shape[1:]), self.data.limit // 2,
+                       self.data.limit - case_bytes)
+            if need > 0:
+                layer_cache = LayerCache(engine.layers[0], need)
+                self.data.reserve(need)
         prepared = PreparedCase(pc.data, pc.properties, pc.image, mask, logits, seg, layer_cache)
         progress = Progress('json', stream=job)
         results = run_cases(engine, self.case(r.case)['files'], job.out, prepared=prepared, progress=progress,
@@ -435,7 +440,7 @@ class Server:
         self.counters['tiles_run'] += res.info['tiles']
         self.counters['forwards_from_layer_cache'] += res.info['forwards_from_layer_cache']
         if layer_cache is not None and layer_cache.outputs and r.case in self.cases:
-            self.data.put(layers_key, layer_cache, layer_cache.nbytes)
+            self.data.put(layers_key, layer_cache, layer_cache.budget)  # its block, allocated whole
         if logits is None and r.case in self.cases:
             self.data.put(logits_key, (res.logits, res.segmentation),
                           _tensor_bytes(res.logits, res.segmentation))
@@ -493,15 +498,18 @@ def create_app(server: Server) -> FastAPI:
         return server.job(job_id).public()
 
     @app.get(f'{API}/jobs/{{job_id}}/events')
-    def events(job_id: str, since: int = 0):
+    def events(job_id: str, since: int = Query(0, ge=0)):
         return server.job(job_id).events[since:]
 
     def job_of(job_id: str) -> Job:
         return server.job(job_id)
 
     @app.get(f'{API}/jobs/{{job_id}}/stream', response_class=EventSourceResponse)
-    async def stream(job: Job = Depends(job_of), since: int = 0):
-        """The job's events from `since` on as server-sent events (`id`: the event's index), until it ends."""
+    async def stream(job: Job = Depends(job_of), since: int = Query(0, ge=0),
+                     last_event_id: Optional[int] = Header(None, ge=0)):
+        """The job's events from `since` (or after a reconnecting browser's Last-Event-ID) on as server-sent events
+        (`id`: the event's index), until it ends."""
+        since = max(since, -1 if last_event_id is None else last_event_id + 1)
         while True:
             job.seen = time.monotonic()  # a client listens: not abandoned
             ended = job.status in ENDED
@@ -631,8 +639,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                       **({'token': token} if new else {})}), flush=True)
     if args.parent_pid:
         threading.Thread(target=_exit_with, args=(args.parent_pid, server), daemon=True).start()
+    # a client listening to a job's events holds its connection open: shutdown waits 2 s for it, not the job
     config = uvicorn.Config(create_app(server), log_level='warning', ssl_certfile=args.ssl_certfile,
-                            ssl_keyfile=args.ssl_keyfile)
+                            ssl_keyfile=args.ssl_keyfile, timeout_graceful_shutdown=2)
     # uvicorn shuts down gracefully on SIGTERM, then raises it again under the handler it found: make that handler
     # an exit that runs the cleanup below, not the default one that ends the process on the spot
     signal.signal(signal.SIGTERM, _exit_on_signal)

@@ -107,7 +107,9 @@ def layer_outputs_bytes(predictor, networks: Sequence[torch.nn.Module], shape: S
     """What a LayerCache of every tile x fold x mirror at the last decoder stage holds for a case of this shape
     (the layer's outputs are float16 under CUDA's autocast)."""
     patch = [int(p) for p in predictor.configuration_manager.patch_size]
-    tiles = predictor._internal_get_sliding_window_slicers(tuple(max(s, p) for s, p in zip(shape, patch)))
+    k = len(shape) - len(patch)  # a 2D model's slices axis, which nnU-Net's padding leaves as it is
+    padded = tuple(shape[:k]) + tuple(max(s, p) for s, p in zip(shape[k:], patch))
+    tiles = predictor._internal_get_sliding_window_slicers(padded)
     per_voxel = networks[0].decoder.seg_layers[-1].in_channels * (2 if predictor.device.type == 'cuda' else 4)
     return len(tiles) * len(networks) * len(mirror_combinations(predictor)) * math.prod(patch) * per_voxel
 
@@ -227,11 +229,11 @@ class _SlidingWindowRun:
         heads = [head_of(n, spec.layers) for n in networks] if cache is not None and cache.layer == spec.layers[0] \
             and not spec.channel_attribution else []
         self.heads = heads if heads and None not in heads else None  # per fold: output from the layer's
-        self.from_cache = 0
+        self.from_cache, self.kept_now = 0, set()
 
     def __call__(self, results_device: torch.device) -> CamOutput:
         p, spec = self.predictor, self.spec
-        self.results_device, self.from_cache = results_device, 0
+        self.results_device, self.from_cache, self.kept_now = results_device, 0, set()
         shape = self.padded.shape[1:]
         plan = self.plan.to(results_device)
         n_t, n_l = len(spec.targets), len(spec.layers)
@@ -282,7 +284,7 @@ class _SlidingWindowRun:
             a = kept.to(x.device).detach().requires_grad_(torch.is_grad_enabled())
             cap.outputs[self.spec.layers[0]] = a
             out = self.heads[f](a)
-            self.from_cache += 1
+            self.from_cache += key not in self.kept_now  # a low-memory second pass replays this run's own
         else:
             out = self.networks[f](x.flip(dims) if dims else x)
             missing = [n for n in self.spec.layers if n not in cap.outputs]
@@ -291,6 +293,7 @@ class _SlidingWindowRun:
                                f'pick another (--list-layers marks the unused ones)')
             if self.heads:
                 self.spec.layer_cache.keep(key, cap.outputs[self.spec.layers[0]])
+                self.kept_now.add(key)
         return (out.flip(dims) if dims else out), [cap.outputs[n] for n in self.spec.layers]
 
     def _each_forward(self, captures):
