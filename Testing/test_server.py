@@ -14,6 +14,7 @@ import SimpleITK as sitk
 
 from conftest import run_cli, start_server
 from nnunetv2_cam_core.client import ServerClient
+from nnunetv2_cam_core.errors import CamError
 from nnunetv2_cam_core.demo import SPACING, write_sample_case
 
 
@@ -202,10 +203,13 @@ def test_job_events_stream_as_server_sent_events_while_the_job_runs(server, clie
     assert ids == list(range(len(events)))
     assert events == client._call('GET', f'/jobs/{job_id}/events').json() and len(events) == job['events'] > 2
     assert {'stage', 'tiles'} <= {e['event'] for e in events}
-    with requests.get(f'{url}/v1/jobs/{job_id}/stream', params={'since': 2}, headers=auth, stream=True,
-                      timeout=60) as r:
-        rest = [json.loads(line[5:]) for line in r.iter_lines(decode_unicode=True) if line.startswith('data:')]
-    assert rest == events[2:]
+    for params, extra in (({'since': 2}, {}), ({}, {'Last-Event-ID': '1'})):  # `since`, or a browser's reconnect
+        with requests.get(f'{url}/v1/jobs/{job_id}/stream', params=params, headers={**auth, **extra}, stream=True,
+                          timeout=60) as r:
+            rest = [json.loads(line[5:]) for line in r.iter_lines(decode_unicode=True) if line.startswith('data:')]
+        assert rest == events[2:]
+    assert requests.get(f'{url}/v1/jobs/{job_id}/stream', params={'since': -1}, headers=auth,
+                        timeout=10).status_code == 422
     assert requests.get(f'{url}/v1/jobs/{job_id}/stream', timeout=10).status_code == 401
     assert requests.get(f'{url}/v1/jobs/{"0" * len(job_id)}/stream', headers=auth, timeout=10).status_code == 404
     seen = []
@@ -337,5 +341,18 @@ def test_a_server_stopped_mid_job_removes_its_files(results_dir, large_case, mod
         assert time.monotonic() < deadline, client._call('GET', f'/jobs/{job_id}').json()
         time.sleep(0.1)
     assert client._call('GET', f'/jobs/{job_id}').json()['status'] == 'running'  # 75 tiles: still running
+    outcome = {}
+
+    def listen():  # a client listening to the job's events holds a connection open
+        try:
+            outcome['job'] = client.wait(job_id)
+        except CamError as e:
+            outcome['error'] = str(e)
+
+    listener = threading.Thread(target=listen)
+    listener.start()
+    time.sleep(1)
     proc.terminate()
     assert proc.wait(10) == 128 + 15 and list((tmp_path / 'tmp').iterdir()) == []
+    listener.join(30)
+    assert 'does not answer' in outcome['error']  # one line, not a hang

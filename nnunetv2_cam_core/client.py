@@ -1,5 +1,6 @@
 """A small client of `nnunetv2_cam serve`."""
 import json
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -63,8 +64,8 @@ class ServerClient:
                             seen += 1
                             if on_event:
                                 on_event(json.loads(line[5:]))
-            except requests.RequestException:
-                pass
+            except requests.RequestException:  # the stream dropped: ask for the job, then listen again
+                time.sleep(0.2)
             job = self._call('GET', f'/jobs/{job_id}').json()
             if job['status'] in ENDED and seen >= job['events']:
                 return job
