@@ -356,3 +356,18 @@ def test_a_server_stopped_mid_job_removes_its_files(results_dir, large_case, mod
     assert proc.wait(10) == 128 + 15 and list((tmp_path / 'tmp').iterdir()) == []
     listener.join(30)
     assert 'does not answer' in outcome['error']  # one line, not a hang
+
+
+def test_the_cache_drops_the_least_recently_used_first_and_keeps_what_was_just_put():
+    from nnunetv2_cam_core.server import Cache
+    cache = Cache(10)
+    for key in 'abc':
+        cache.put(key, key.upper(), 4)
+    assert list(cache.items) == ['b', 'c'] and cache.bytes() == 8  # a dropped to make room for c
+    assert cache.get('b') == 'B'  # now the most recently used
+    cache.put('c', 'C2', 5)  # put again: counted once
+    assert list(cache.items) == ['b', 'c'] and cache.bytes() == 9
+    cache.reserve(2)  # room for 2 more: the least recently used (b) goes
+    assert list(cache.items) == ['c'] and cache.get('b') is None
+    cache.put('big', 'BIG', 25)  # over the limit alone: it stays, the rest goes
+    assert list(cache.items) == ['big'] and cache.get('big') == 'BIG'

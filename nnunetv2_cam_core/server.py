@@ -125,11 +125,11 @@ class Cache:
         return None
 
     def put(self, key, value, nbytes: int) -> None:
+        """The entry stays, even one over the limit alone."""
         with self.lock:
+            self.items.pop(key, None)
+            self.reserve(nbytes)
             self.items[key] = (value, nbytes)
-            self.items.move_to_end(key)
-            while len(self.items) > 1 and self.bytes() > self.limit:
-                self.items.popitem(last=False)
 
     def reserve(self, nbytes: int) -> None:
         """Room for nbytes more, the least recently used dropped first."""
@@ -501,15 +501,13 @@ def create_app(server: Server) -> FastAPI:
     def events(job_id: str, since: int = Query(0, ge=0)):
         return server.job(job_id).events[since:]
 
-    def job_of(job_id: str) -> Job:
-        return server.job(job_id)
-
     @app.get(f'{API}/jobs/{{job_id}}/stream', response_class=EventSourceResponse)
-    async def stream(job: Job = Depends(job_of), since: int = Query(0, ge=0),
+    async def stream(job: Job = Depends(server.job), since: int = Query(0, ge=0),
                      last_event_id: Optional[int] = Header(None, ge=0)):
         """The job's events from `since` (or after a reconnecting browser's Last-Event-ID) on as server-sent events
         (`id`: the event's index), until it ends."""
-        since = max(since, -1 if last_event_id is None else last_event_id + 1)
+        if last_event_id is not None:
+            since = max(since, last_event_id + 1)
         while True:
             job.seen = time.monotonic()  # a client listens: not abandoned
             ended = job.status in ENDED
