@@ -371,3 +371,29 @@ def test_the_cache_drops_the_least_recently_used_first_and_keeps_what_was_just_p
     assert list(cache.items) == ['c'] and cache.get('b') is None
     cache.put('big', 'BIG', 25)  # over the limit alone: it stays, the rest goes
     assert list(cache.items) == ['big'] and cache.get('big') == 'BIG'
+
+
+@pytest.mark.parametrize('region, corners', [
+    ({'kind': 'box'}, [[-3.4, 5.6, 2.0], [4.4, 30.0, 7.5]]),          # partly outside, corners rounded
+    ({'kind': 'box'}, [[9.0, 4.0, 8.0], [2.0, 1.0, 3.0]]),            # corners in either order
+    ({'kind': 'box'}, [[40.0, 0.0, 0.0], [50.0, 3.0, 3.0]]),          # wholly outside: nothing
+    ({'kind': 'point', 'radius_mm': 4.0}, [[1.3, 19.0, 5.2]]),        # a ball cut by two faces
+    ({'kind': 'point', 'radius_mm': 2.5}, [[11.0, 7.6, 4.4]]),        # inside, anisotropic spacing
+])
+def test_a_box_or_ball_is_drawn_as_on_the_whole_grid(region, corners):
+    """The region drawn in its bounding box alone equals the same rule applied to every voxel of the image."""
+    from nnunetv2_cam_core.server import Region, region_array
+    size, spacing = np.array([12, 24, 9]), np.array([0.8, 1.0, 2.5])
+    corners = [np.array(c) for c in corners]
+    grid = np.indices(size, dtype=float)  # (i, j, k) of every voxel
+    if region['kind'] == 'box':
+        lo = np.floor(np.minimum(*corners) + 0.5)[:, None, None, None]
+        hi = np.floor(np.maximum(*corners) + 0.5)[:, None, None, None]
+        every = ((grid >= lo) & (grid <= hi)).all(0)
+    else:
+        d2 = (((grid - corners[0][:, None, None, None]) * spacing[:, None, None, None]) ** 2).sum(0)
+        every = d2 <= region['radius_mm'] ** 2
+    drawn = region_array(Region(**region), size, spacing, corners)
+    assert drawn.dtype == np.uint8 and drawn.shape == tuple(size[::-1])
+    assert np.array_equal(drawn, every.transpose().astype(np.uint8))
+    assert drawn.any() == (corners[0][0] < 40)
