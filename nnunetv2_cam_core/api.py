@@ -145,12 +145,13 @@ class CamEngine:
         for i, t in enumerate(self.targets):
             r = raw_orig[i]
             peak = float(r.max())
-            c = r / peak if peak > 0 else np.zeros_like(r)
-            cams[t.name], raws[t.name] = c.astype(np.float32), r
+            c = (r / peak if peak > 0 else np.zeros_like(r)).astype(np.float32, copy=False)
+            cams[t.name], raws[t.name] = c, r
             own = np.isin(seg, t.labels)  # a region: every label it covers
-            inside = float(c[own].sum()) / float(c.sum()) if c.sum() > 0 else 0.0
+            total = float(c.sum())
+            inside = float(c.sum(where=own)) / total if total > 0 else 0.0
             stats[t.name] = {'label': t.label, 'labels': list(t.labels), 'min': float(c.min()),
-                             'max': float(c.max()), 'mean': float(c.mean()),
+                             'max': float(c.max()), 'mean': total / c.size,
                              'raw_max': peak, 'energy_in_predicted_mask': inside,
                              'predicted_voxels': int(own.sum()),
                              'tile_mask_disagreement': out.tile_mask_disagreement[i]}
