@@ -22,14 +22,17 @@ from server import start, timed  # noqa: E402
 
 
 def main(argv=None) -> int:
-    args = case_parser(__doc__.splitlines()[0]).parse_args(argv)
+    ap = case_parser(__doc__.splitlines()[0])
+    ap.add_argument('--cache-mb', default='8192', help='the server\'s cache; the default holds every tile\'s '
+                    'layer outputs in float16 (CUDA autocast), float32 on the CPU needs twice that')
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = build_model(work / 'models' / 'Dataset988_CTBench' / 'nnUNetTrainer__nnUNetPlans__3d_fullres',
                             args.patch, folds=(0,))
         case = build_case(work / 'case', args.size)
         # room for every tile's layer outputs (27 x 128 MiB in float16): the ROI's tiles run no forward pass
-        server, client = start(work / 'models', work, '--cache-mb', '8192', device=args.device)
+        server, client = start(work / 'models', work, '--cache-mb', args.cache_mb, device=args.device)
         model_id = str(model.relative_to(work / 'models'))
         try:
             t = time.perf_counter()
