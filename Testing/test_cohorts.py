@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,30 @@ def test_parts_are_disjoint_cover_every_case_and_keep_their_order():
     for n, i in ((2, 2), (2, -1), (0, 0)):
         with pytest.raises(UsageError, match='part_id'):
             select_part(cases, n, i)
+
+
+def test_parts_of_a_mixed_folder_are_nnunets_parts(tmp_path):
+    """A folder that also holds endings the model's dataset does not name (.nrrd, .mha, upper case) is listed as
+    nnU-Net lists it for that model, so every part holds nnU-Net's cases for that part."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+    from nnunetv2_cam_core.inputs import find_cases
+    names = ['c01_0000.nii.gz', 'c02_0000.nrrd', 'c03_0000.nii.gz', 'c04_0000.NII.GZ', 'c05_0000.mha',
+             'c06_0000.nii.gz', 'c07_0000.nii.gz', 'c08_0000.nrrd', 'c09_0000.nii.gz']
+    for n in names:
+        (tmp_path / n).write_bytes(b'')
+    theirs = create_lists_from_splitted_dataset_folder(str(tmp_path), '.nii.gz')
+    ours = find_cases([str(tmp_path)], SimpleITKIO.supported_file_endings, {'0': 'CT'}, file_ending='.nii.gz')
+    for n in (1, 2, 3):
+        for i in range(n):
+            assert [[Path(f).name for f in files] for files in select_part(ours, n, i).values()] == \
+                [[Path(f).name for f in files] for files in theirs[i::n]]
+    # a folder holding none of the dataset's ending: every ending the reader takes
+    other = tmp_path / 'nrrd'
+    other.mkdir()
+    (other / 'c02_0000.nrrd').write_bytes(b'')
+    assert list(find_cases([str(other)], SimpleITKIO.supported_file_endings, {'0': 'CT'}, file_ending='.nii.gz')) \
+        == ['c02']
 
 
 def test_a_wrong_part_is_one_line_before_the_model_loads(tmp_path, capsys):
@@ -83,7 +108,7 @@ def test_a_corrupt_case_is_reported_and_the_others_are_written(model3d, tmp_path
 
 
 def test_rank_test_and_effect_size_on_known_samples():
-    from nnunetv2_cam_core.report import _rank_test
+    from nnunetv2_cam_core.cohort_statistics import rank_test as _rank_test
     higher = _rank_test([5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 4.5, 4.8])
     assert higher['effect_size'] == 1.0 and higher['p'] == pytest.approx(2 / 924)  # complete separation, 6 vs 6
     assert _rank_test([1, 2, 3, 4, 4.5, 4.8], [5, 6, 7, 8, 9, 10])['effect_size'] == -1.0
@@ -135,8 +160,119 @@ def test_identical_cohorts_show_no_shift(cohorts, tmp_path):
     copy = shutil.copytree(cohorts['trained'], tmp_path / 'trained')
     result = compare_cohorts(cohorts['trained'], copy)
     assert result['tests'] and all(t['p'] == 1.0 and t['effect_size'] == 0 for t in result['tests'])
+    assert result['paired']  # the same cases: pairs
+    assert {t['figure']: t['test'] for t in result['tests']}['energy_in_mask'] == 'Wilcoxon signed-rank'
     one = compare_cohorts(cohorts['trained'])
     assert one['tests'] == [] and {s['figure'] for s in one['summaries']} >= {'predicted_volume_ml', 'energy_in_mask'}
+
+
+def _renamed(folder, out, prefix='x'):
+    """A copy whose cases have other ids (an independent cohort of the same images)."""
+    copy = shutil.copytree(folder, out)
+    for p in copy.glob('*_cam.json'):
+        d = json.loads(p.read_text())
+        d['case'] = prefix + d['case']
+        p.write_text(json.dumps(d))
+    return copy
+
+
+def test_pointing_game_is_a_hit_rate_compared_by_fishers_or_mcnemars_test(cohorts, tmp_path):
+    """A hit or a miss per case: the hit rate with its exact 95 % interval, Fisher's exact test between
+    independent cohorts and the exact McNemar test between paired ones; numbers: Mann-Whitney U or Wilcoxon."""
+    from scipy import stats
+    from nnunetv2_cam_core import compare_cohorts
+    from nnunetv2_cam_core.report import main as report
+    # the dimmed cohort may predict no lesion at all (no pointing game): the trained one against copies of itself
+    other = _renamed(cohorts['trained'], tmp_path / 'other')
+    same = shutil.copytree(cohorts['trained'], tmp_path / 'same')
+    for b, paired, tests in ((other, False, ('Fisher exact', 'Mann-Whitney U')),
+                             (same, True, ('exact McNemar', 'Wilcoxon signed-rank'))):
+        result = compare_cohorts(cohorts['trained'], b)
+        assert result['paired'] is paired
+        hits = {}
+        for s in (s for s in result['summaries'] if s['figure'] == 'pointing_game' and s['n']):
+            rows = [r['pointing_game'] for r in result['records'] if r['cohort'] == s['cohort']
+                    and r['pointing_game'] is not None]
+            ci = stats.binomtest(sum(rows), len(rows)).proportion_ci(method='exact')
+            assert (s['hits'], s['n'], s['rate']) == (sum(rows), len(rows), sum(rows) / len(rows))
+            assert (s['ci_low'], s['ci_high']) == pytest.approx((ci.low, ci.high))
+            assert 'median' not in s
+            hits[s['cohort']] = rows
+        t = {t['figure']: t for t in result['tests']}
+        assert (t['pointing_game']['test'], t['energy_in_mask']['test']) == tests
+        if not paired:
+            (_, a), (_, b) = hits.items()
+            table = [[sum(a), len(a) - sum(a)], [sum(b), len(b) - sum(b)]]
+            assert t['pointing_game']['p'] == pytest.approx(stats.fisher_exact(table).pvalue)
+            assert t['pointing_game']['effect_size'] == pytest.approx(sum(a) / len(a) - sum(b) / len(b))
+    assert report([str(cohorts['trained']), str(other), '-o', str(tmp_path / 'r')]) == 0
+    summary = (tmp_path / 'r' / 'summary.md').read_text()
+    line = next(line for line in summary.splitlines() if line.startswith('| pointing_game'))
+    assert '% hit (' in line and '95% CI' in line and 'Fisher exact' in line
+
+
+def test_paired_ranks_on_known_samples():
+    from nnunetv2_cam_core.cohort_statistics import hit_test, signed_rank_test
+    up = signed_rank_test([2, 3, 4, 5, 6, 7], [1, 1, 1, 1, 1, 1])
+    assert up['effect_size'] == 1.0 and up['p'] == pytest.approx(2 / 64)  # every pair up: 2 of the 2^6 signs
+    assert signed_rank_test([1, 2, 3], [1, 2, 3]) == {'p': 1.0, 'effect_size': 0.0}
+    mixed = signed_rank_test([1, 5, 2, 8, 3, 9], [2, 4, 3, 7, 4, 8])
+    assert mixed['p'] > 0.5 and abs(mixed['effect_size']) < 0.5
+    # 5 pairs where only A hits, none where only B does: McNemar's binomial p = 2 / 2^5
+    assert hit_test([1] * 8, [0] * 5 + [1] * 3, paired=True) == {'p': pytest.approx(2 / 32), 'effect_size': 5 / 8}
+    assert hit_test([1] * 6, [0] * 6, paired=False)['p'] == pytest.approx(2 / 924)  # Fisher, 6 of 12 all in A
+
+
+def test_a_map_zero_everywhere_is_left_out_of_the_figures_and_says_so(cohorts, tmp_path):
+    """A class predicted, but with a map of zeros: no centroid distance (not 0 mm), no pointing game, no energy
+    share; the case is left out of those figures' statistics and the summary says why."""
+    import numpy as np
+    import SimpleITK as sitk
+    from nnunetv2_cam_core import compare_cohorts
+    from nnunetv2_cam_core.report import main as report
+    before = next(s for s in compare_cohorts(cohorts['trained'])['summaries'] if s['figure'] == 'centroid_distance_mm')
+    copy = shutil.copytree(cohorts['trained'], tmp_path / 'zeroed')
+    sc = next(d for d in (json.loads(p.read_text()) for p in sorted(copy.glob('*_cam.json')))
+              if d['classes']['lesion']['predicted_voxels'])
+    path = copy / sc['cams']['lesion']
+    img = sitk.ReadImage(str(path))
+    zero = sitk.GetImageFromArray(np.zeros_like(sitk.GetArrayFromImage(img)))
+    zero.CopyInformation(img)
+    sitk.WriteImage(zero, str(path))
+    result = compare_cohorts(copy)
+    row = next(r for r in result['records'] if r['case'] == sc['case'])
+    assert row['predicted_volume_ml'] > 0
+    assert row['centroid_distance_mm'] is None and row['pointing_game'] is None and row['energy_in_mask'] is None
+    s = next(s for s in result['summaries'] if s['figure'] == 'centroid_distance_mm')
+    assert s['n'] == before['n'] - 1 and s['left_out'] == {**before['left_out'], 'the map is zero everywhere': 1}
+    assert report([str(copy), '-o', str(tmp_path / 'r')]) == 0
+    line = next(line for line in (tmp_path / 'r' / 'summary.md').read_text().splitlines()
+                if line.startswith('| centroid_distance_mm'))
+    assert f'(n {s["n"]}); left out: ' in line and '1 the map is zero everywhere' in line
+
+
+@pytest.mark.parametrize('key, value', [('tta', True), ('step_size', 0.33), ('folds', [0, 1]),
+                                        ('checkpoint', 'checkpoint_best.pth'), ('pooling', 'volume'),
+                                        ('target_region', 'all')])
+def test_report_refuses_every_map_changing_difference(cohorts, tmp_path, capsys, key, value):
+    """Any setting that changes a map differs: refused in one line unless --force; forced, the summary shows both
+    cohorts' settings."""
+    from nnunetv2_cam_core.report import main as report
+    other = shutil.copytree(cohorts['dimmed'], tmp_path / 'other')
+    for p in other.glob('*_cam.json'):
+        d = json.loads(p.read_text())
+        d[key] = value
+        p.write_text(json.dumps(d))
+    assert report([str(cohorts['trained']), str(other), '-o', str(tmp_path / 'r')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f'{key} differs' in err[0] and '--force' in err[0]
+    assert not (tmp_path / 'r').exists()
+    assert report([str(cohorts['trained']), str(other), '-o', str(tmp_path / 'r'), '--force']) == 0
+    lines = (tmp_path / 'r' / 'summary.md').read_text().splitlines()
+    mine = [line for line in lines if line.startswith('Settings of ')]
+    assert [line.split(' (')[0] for line in mine] == ['Settings of trained', 'Settings of other']
+    assert f'{key} {json.loads(next(cohorts["trained"].glob("*_cam.json")).read_text())[key]}' in mine[0]
+    assert f'{key} {value}' in mine[1]
 
 
 def test_report_refuses_runs_with_other_settings(cohorts, tmp_path, capsys):

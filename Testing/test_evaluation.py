@@ -14,6 +14,8 @@ from nnunetv2_cam_core.cli import main
 from nnunetv2_cam_core.evaluation import CaseEvaluation, EvaluationSettings, fold_spread, mask_statistics
 from nnunetv2_cam_core.methods import principal_projection
 from nnunetv2_cam_core.model import load_predictor
+from nnunetv2_cam_core.sliding_window import RegionPrediction
+from nnunetv2_cam_core.targets import predicted_mask
 
 from conftest import geometry, read
 
@@ -39,12 +41,19 @@ def test_the_maps_ranking_deletes_faster_than_random(evaluated):
         # the curves meet at their ends: the original case and the region all baseline
         assert e['deletion'][0] == e['insertion'][-1] and e['deletion'][-1] == e['insertion'][0]
         assert e['deletion'][0] > e['deletion'][-1]
-        assert e['deletion_auc'] < e['random_deletion_auc'], name
+        assert e['can_rank'] and e['deletion_auc'] < e['random_deletion_auc'], name
         assert e['deletion_ratio'] == pytest.approx(e['deletion_auc'] / e['random_deletion_auc'])
         # a random ranking inserted is the reversed ranking deleted: the same images, read backwards
         assert e['random_insertion'] == pytest.approx(e['random_deletion'][::-1])
         assert e['random_insertion_auc'] == pytest.approx(e['random_deletion_auc'])
         assert e['region_tiles'] >= 1 and e['region_voxels'] > sidecar['classes'][name]['predicted_voxels']
+        # the ends are the original case's and the all-baseline region's scores, reported as such
+        assert (e['original_score'], e['baseline_score']) == (e['deletion'][0], e['deletion'][-1])
+        assert e['can_rank'] == (e['original_score'] - e['baseline_score'] > 1e-6)
+        if e['can_rank']:
+            gap = e['original_score'] - e['baseline_score']
+            assert e['deletion_auc_normalised'] == pytest.approx((e['deletion_auc'] - e['baseline_score']) / gap)
+            assert e['insertion_auc_normalised'] == pytest.approx((e['insertion_auc'] - e['baseline_score']) / gap)
 
 
 def test_randomisation_steps_and_verdict(evaluated):
@@ -58,8 +67,8 @@ def test_randomisation_steps_and_verdict(evaluated):
             [f'up to encoder stage {k}' for k in (3, 2, 1, 0)]
         assert s['spearman_after_decoder'] == steps[2]['spearman']
         r = s['spearman_after_decoder']
-        assert s['passes'] == (r is None or r <= 0.5)
-        assert s['verdict'].startswith('passes' if s['passes'] else 'FAILS')
+        assert s['passes'] == (None if r is None else r <= 0.5)
+        assert s['verdict'].startswith({True: 'passes', False: 'FAILS', None: 'is UNDEFINED'}[s['passes']])
         assert s['data_randomisation_spearman'] is None or -1 <= s['data_randomisation_spearman'] <= 1
 
 
@@ -136,9 +145,22 @@ def test_an_absent_class_is_skipped_with_a_message_and_zero_statistics(small):
     out = ev.run()
     assert out['lesion'] == {'skipped': 'no voxels predicted as lesion: nothing to evaluate'}
     assert 'deletion_auc' in out['organ']
-    zeros = mask_statistics(res.cams['lesion'], np.zeros(res.segmentation.shape, bool), props['spacing'], 5.0)
-    assert zeros == {'energy_in_mask': 0.0, 'energy_in_ring': 0.0, 'pointing_game': False,
-                     'centroid_distance_mm': 0.0, 'mask_voxels': 0}
+    no_mask = mask_statistics(res.cams['lesion'], np.zeros(res.segmentation.shape, bool), props['spacing'], 5.0)
+    assert no_mask == {'energy_in_mask': 0.0, 'energy_in_ring': 0.0, 'pointing_game': False,
+                       'centroid_distance_mm': None, 'mask_voxels': 0, 'undefined': 'the mask is empty: no centroid'}
+
+
+def test_a_map_zero_everywhere_has_no_centroid_distance(small):
+    """No map, no distance (nor energy share or maximum): None, not a perfect 0 mm."""
+    engine, data, props = small
+    res = engine.run(data, props)
+    organ = np.isin(res.segmentation, engine.targets[1].labels)
+    assert organ.any()
+    st = mask_statistics(np.zeros_like(res.cams['organ']), organ, props['spacing'], 5.0)
+    assert st == {'energy_in_mask': None, 'energy_in_ring': None, 'pointing_game': None,
+                  'centroid_distance_mm': None, 'mask_voxels': int(organ.sum()),
+                  'undefined': 'the map is zero everywhere'}
+    assert mask_statistics(res.cams['organ'], organ, props['spacing'], 5.0)['centroid_distance_mm'] >= 0
 
 
 def test_fold_spread_is_zero_where_folds_agree(small, small_case):
@@ -191,3 +213,88 @@ def test_evaluate_an_earlier_runs_outputs(model3d, small_case, tmp_path, capsys)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read(out / after['cams']['organ'])), cam)
     assert main(['evaluate', '-o', str(tmp_path / 'empty')]) == 2
     assert 'no CASE_cam.json' in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_baseline_that_does_not_lower_the_score_cannot_rank(small):
+    """Deleting towards a baseline that scores as high as the original ranks nothing: the ratios are None, with the
+    reason, and both scores are reported."""
+    engine, data, props = small
+    res = engine.run(data, props, keep_preprocessed=True)
+    ev = CaseEvaluation(engine, data, res.logits, res.maps, EvaluationSettings(steps=2, seeds=1, sanity=False))
+    ev.base = data.clone()  # a baseline that deletes nothing
+    plan = ev.plan()['organ']
+    e = ev.curves(engine.targets[1], plan['index'], plan['region'], plan['predict'])
+    assert e['baseline_score'] == pytest.approx(e['original_score'], abs=1e-6)
+    assert e['can_rank'] is False and 'cannot rank maps for this case' in e['cannot_rank']
+    assert e['deletion_ratio'] is None and e['insertion_ratio'] is None
+    assert e['deletion_auc_normalised'] is None and e['insertion_auc_normalised'] is None
+
+
+def test_a_flat_map_has_an_undefined_sanity_check(model3d, small_case):
+    """A class whose segmentation weights are zero has a Grad-CAM map of zeros (its gradient is zero): a constant
+    map has no rank correlation, and the check says undefined, not passes."""
+    pred = load_predictor(model3d, [0], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=False)
+    engine = CamEngine(pred, 'last_decoder', ['lesion'])
+    data, props, _, _ = engine.preprocess([str(small_case)])
+    res = engine.run(data, props, keep_preprocessed=True)
+    mask = predicted_mask(res.logits, engine.targets, False)[0]
+    assert mask.any()
+    net = engine.networks[0]
+    net.decoder.seg_layers[-1].weight[engine.targets[0].channel] = 0
+    ev = CaseEvaluation(engine, data, res.logits, res.maps, EvaluationSettings(steps=1, seeds=1), target_mask=mask)
+    plan = ev.plan()['lesion']
+    s = ev.sanity(engine.targets[0], plan['mask'], plan['region'])
+    assert s['spearman_after_decoder'] is None and s['passes'] is None
+    assert s['verdict'].startswith('is UNDEFINED') and 'the trained map is flat' in s['verdict']
+
+
+def test_evaluate_a_2d_model(model2d, small_case, tmp_path):
+    """nnU-Net's 2D tiles name their slice by an int: the region re-prediction takes them."""
+    out = tmp_path / 'out'
+    assert main([str(a) for a in ['-i', small_case, '-o', out, '-m', model2d, '-f', '0', '--disable_tta',
+                                  '-device', 'cpu', '--target-class', 'lesion', '--evaluate', '--eval-steps', '2',
+                                  '--eval-seeds', '1', '--eval-no-sanity', '--progress', 'none']]) == 0
+    e = json.loads((out / 'small_cam.json').read_text())['classes']['lesion']['evaluation']
+    assert e['region_tiles'] >= 1 and len(e['deletion']) == 3
+    assert e['mask_statistics']['predicted']['mask_voxels'] > 0
+
+
+def test_region_prediction_of_a_2d_model_equals_its_full_run(model2d, small_case):
+    """The 2D region re-prediction equals the full run's logits inside the region."""
+    pred = load_predictor(model2d, [0], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=False)
+    engine = CamEngine(pred, target_class='lesion')
+    data, props, _, _ = engine.preprocess([str(small_case)])
+    res = engine.run(data, props, keep_preprocessed=True)
+    region = predicted_mask(res.logits, engine.targets, False)[0]
+    assert region.any()
+    got = RegionPrediction(pred, engine.networks, data, region)([data])[0]
+    assert torch.allclose(got, res.logits[:, region], atol=1e-4, rtol=1e-4)
+
+
+def test_evaluate_remakes_segxrescam_maps_with_their_pool_and_channel_attribution(model3d, small_case, tmp_path,
+                                                                                capsys):
+    """`evaluate -o` makes the earlier maps again from every map-changing option its sidecar records (SegXResCAM's
+    pool size and mode here), keeps channel attribution, and refuses a sidecar that lacks one, in one line."""
+    out = tmp_path / 'out'
+    assert main([str(a) for a in ['-i', small_case, '-o', out, '-m', model3d, '-f', '0', '--disable_tta',
+                                  '--target-class', 'organ', '--method', 'segxrescam', '--pool-size', '3',
+                                  '--pool-mode', 'mean', '--channel-attribution', '-device', 'cpu',
+                                  '--progress', 'none']]) == 0
+    sidecar = out / 'small_cam.json'
+    before = json.loads(sidecar.read_text())
+    assert (before['pool_size'], before['pool_mode'], before['channel_attribution']) == (3, 'mean', True)
+    cam = sitk.GetArrayFromImage(read(out / before['cams']['organ']))
+    assert main(['evaluate', '-o', str(out), '--eval-steps', '1', '--eval-seeds', '1', '--eval-no-sanity',
+                 '-device', 'cpu', '--progress', 'none']) == 0
+    after = json.loads(sidecar.read_text())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read(out / after['cams']['organ'])), cam)
+    assert after['classes']['organ']['channel_attribution'] == before['classes']['organ']['channel_attribution']
+    assert 'deletion_auc' in after['classes']['organ']['evaluation']
+    del after['pool_size']
+    sidecar.write_text(json.dumps(after))
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(['evaluate', '-o', str(out), '-device', 'cpu']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'does not record pool_size' in err[0]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written

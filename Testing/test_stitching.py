@@ -1,4 +1,7 @@
 """Stitching: no tile seams, tiling invariance, fold averaging, TTA symmetry, classes sharing a forward pass."""
+import copy
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +11,7 @@ from scipy import ndimage
 from nnunetv2_cam_core.api import CamEngine
 from nnunetv2_cam_core.errors import CamError
 from nnunetv2_cam_core.demo import SPACING, model_folder, write_sample_case
-from nnunetv2_cam_core.layers import LayerCache, resolve_layers
+from nnunetv2_cam_core.layers import LayerCache, head_of, resolve_layers
 from nnunetv2_cam_core.methods import get_method
 from nnunetv2_cam_core.model import fold_networks, load_predictor
 from nnunetv2_cam_core.sliding_window import CamSpec, RegionPrediction, layer_outputs_bytes, mirror_combinations, \
@@ -387,3 +390,60 @@ def test_region_of_wrong_shape_or_empty_is_refused(setup):
     spec.only_region = torch.zeros(data.shape[1:], dtype=torch.bool)
     with pytest.raises(CamError, match='the region is empty'):
         sliding_window_cam(pred, nets[:1], data, spec)
+
+
+def _cache_runs(pred, nets, data, layers, target):
+    """A run that fills a layer cache, then one that may replay from it; and a run without a cache."""
+    cache = LayerCache(layers[0], 1 << 30)
+    first = sliding_window_cam(pred, nets, data, CamSpec(get_method('gradcam'), layers, target, layer_cache=cache))
+    spec = CamSpec(get_method('hirescam'), layers, target)
+    direct = sliding_window_cam(pred, nets, data, spec)
+    spec.layer_cache = cache
+    return cache, first, sliding_window_cam(pred, nets, data, spec), direct
+
+
+def test_a_network_with_its_own_forward_is_not_replayed(setup):
+    """A PlainConvUNet subclass that rescales its output after the segmentation layer: replaying that layer alone
+    would give other logits, so the layer cache keeps nothing and every forward runs."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    class Rescaled(PlainConvUNet):
+        def forward(self, x):
+            return super().forward(x) * 2 + 1
+
+    pred, engine, nets, data = setup
+    net = copy.deepcopy(nets[0])
+    net.__class__ = Rescaled
+    layers = resolve_layers(net, ['last_decoder'])
+    assert head_of(nets[0], layers) is not None and head_of(net, layers) is None
+    cache, first, kept, direct = _cache_runs(pred, [net], crop(data, (20, 48, 72)), layers, engine.targets[:1])
+    assert not cache.outputs and kept.from_layer_cache == 0
+    assert torch.equal(kept.logits, direct.logits) and torch.equal(kept.cams, direct.cams)
+
+
+def test_a_replay_unlike_the_real_forward_turns_the_cache_off(setup, caplog):
+    """nnU-Net's own classes, but a forward hook rescales the network's output: the first forward's replay is
+    checked against the real output, and on the mismatch the cache turns itself off, with a log line."""
+    pred, engine, nets, data = setup
+    net = copy.deepcopy(nets[0])
+    net.register_forward_hook(lambda module, inputs, output: output * 2 + 1)
+    layers = resolve_layers(net, ['last_decoder'])
+    assert head_of(net, layers) is not None
+    with caplog.at_level(logging.WARNING, logger='nnunetv2_cam_core.layers'):
+        cache, first, kept, direct = _cache_runs(pred, [net], crop(data, (20, 48, 72)), layers, engine.targets[:1])
+    assert cache.off and not cache.outputs and 'layer cache is off' in caplog.text
+    assert kept.from_layer_cache == 0 and torch.equal(kept.logits, direct.logits)
+    assert torch.equal(kept.cams, direct.cams)
+
+
+def test_a_head_that_is_not_a_plain_convolution_is_not_replayed(setup):
+    """A final layer wrapped in a Sequential is no head to replay: head_of says None (so the server sizes no
+    cache for it) and the run works as without a cache."""
+    pred, engine, nets, data = setup
+    net = copy.deepcopy(nets[0])
+    net.decoder.seg_layers[-1] = torch.nn.Sequential(net.decoder.seg_layers[-1])
+    layers = resolve_layers(net, ['last_decoder'])
+    assert head_of(net, layers) is None
+    cache, first, kept, direct = _cache_runs(pred, [net], crop(data, (20, 48, 72)), layers, engine.targets[:1])
+    assert not cache.outputs and kept.from_layer_cache == 0 and torch.equal(kept.logits, first.logits)
+    assert torch.equal(kept.cams, direct.cams)

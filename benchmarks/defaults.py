@@ -72,6 +72,10 @@ def pearson(a: torch.Tensor, b: torch.Tensor, region: torch.Tensor):
     return None if np.ptp(x) == 0 or np.ptp(y) == 0 else round(float(np.corrcoef(x, y)[0, 1]), 4)
 
 
+def _rounded(x):
+    return None if x is None else round(x, 4)  # None: the baseline does not lower the score (cannot rank)
+
+
 def measure(model: Path, target: str, case: Path) -> list:
     pred = load_predictor(model, [0], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=False)
     rows = []
@@ -95,10 +99,10 @@ def measure(model: Path, target: str, case: Path) -> list:
                          'skipped': plan['skipped']})
             continue
         region = plan['region']
-        curves = ev.curves(engine.targets[0], 0, region)
+        curves = ev.curves(engine.targets[0], 0, region, plan['predict'])
         rows.append({'method': method, 'pooling': pooling or 'element-wise', 'layer': layer,
-                     'deletion_ratio': round(curves['deletion_ratio'], 4),
-                     'insertion_ratio': round(curves['insertion_ratio'], 4),
+                     'deletion_ratio': _rounded(curves['deletion_ratio']),
+                     'insertion_ratio': _rounded(curves['insertion_ratio']),
                      'tiles': tiles[0.5],
                      # the same tiles at both steps (a case barely larger than the patch) say nothing
                      'tiling_r': pearson(maps[0.5], maps[0.33], region) if tiles[0.5] != tiles[0.33] else None,

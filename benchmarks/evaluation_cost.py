@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     predict([data] * (2 + settings.seeds))  # one step's variants: the map's deletion and insertion, each seed's
     per_prediction = (time.perf_counter() - t) / (2 + settings.seeds)
-    predictions = 1 + (settings.steps - 1) * (2 + settings.seeds)
+    predictions = 2 + (settings.steps - 1) * (2 + settings.seeds)  # both ends, then each step
     rows = {'device': str(device), 'tiles': res.info['tiles'], 'plain_run_s': round(plain, 2),
             'one_lesion': {'region_tiles': figures['region_tiles'], 'evaluate_s': round(one_lesion, 2),
                            'ratio_to_plain': round(one_lesion / plain, 2), 'predictions': ev.done},

@@ -20,7 +20,7 @@ from .evaluation import CaseEvaluation, EvaluationSettings, fold_spread, mask_st
 from .export import CaseOutputs, cam_format, maps_to_original, segmentation_to_original, write_map, \
     write_overview, write_slices
 from .failures import Failures
-from .inputs import find_cases, read_case, read_label, select_part
+from .inputs import find_cases, list_folder, read_case, read_label, select_part
 from .layers import LayerCache, resolve_layers
 from .methods import get_method
 from .cascade import PreviousStage
@@ -273,7 +273,13 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
     from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
     cases = find_cases(inputs, rw.supported_file_endings, p.dataset_json.get('channel_names',
                                                                                p.dataset_json.get('modality', {})),
-                       rgb_files=isinstance(rw, NaturalImage2DIO))
+                       rgb_files=isinstance(rw, NaturalImage2DIO), file_ending=ending)
+    left_out = [f for i in inputs if Path(i).is_dir() for f in list_folder(Path(i), rw.supported_file_endings,
+                                                                             ending)[1]]
+    if left_out:
+        progress.emit('warning', message=f'{len(left_out)} image(s) in the input folder do not end in the model\'s '
+                                         f'{ending} (e.g. {left_out[0].name}) and are left out, as nnU-Net leaves '
+                                         f'them out; pass them as files to include them')
     for option, value in (('--target-mask', target_mask), ('--reference-mask', reference_mask)):
         if value is not None and len(cases) > 1:
             raise UsageError(f'{option} applies to one case; pass a single case with it')
@@ -323,8 +329,10 @@ def _evaluate(engine, case, data, props, mask, res, reference, opts, progress) -
             stats['reference'] = mask_statistics(res.cams[t.name], np.isin(reference, t.labels), props['spacing'],
                                                  settings.margin_mm)
         e['mask_statistics'] = stats
-        if 'sanity' in e and not e['sanity']['passes']:
+        if 'sanity' in e and e['sanity']['passes'] is not True:
             progress.emit('warning', message=f'{case}: {t.name}: the map {e["sanity"]["verdict"]}')
+        if e.get('cannot_rank'):
+            progress.emit('warning', message=f'{case}: {t.name}: {e["cannot_rank"]}')
     return evaluation
 
 
@@ -410,6 +418,10 @@ def _run_case(engine, case, files, out_dir, rw, ending, opts: CaseOptions, prev_
         timings['total'] = round(time.perf_counter() - t0, 3)
         sidecar = {**(run_info or {}), 'case': case, 'inputs': list(files), 'method': method,
                    'layers': engine.layers, 'pooling': engine.pooling if engine.method.pooled else None,
+                   'pool_size': getattr(engine.method, 'pool_size', None),
+                   'pool_mode': getattr(engine.method, 'pool_mode', None),
+                   'channel_attribution': engine.channel_attribution,
+                   'prev_stage_predictions': prev_stage_folder,
                    'target_region': 'mask' if mask is not None else engine.region, 'target_mask': opts.target_mask,
                    'tta': bool(p.use_mirroring and p.allowed_mirroring_axes), 'step_size': p.tile_step_size,
                    'low_memory': res.info['low_memory'], 'cam_format': fmt,

@@ -230,36 +230,54 @@ def run(args, progress: Progress) -> int:
     return 0
 
 
+# what an earlier run's sidecar must name to make its maps again: every option that changes a map
+REPLAYED = ('inputs', 'model', 'folds', 'checkpoint', 'method', 'layers', 'classes', 'step_size', 'tta', 'pooling',
+            'pool_size', 'pool_mode', 'target_region', 'target_mask', 'prev_stage_predictions', 'channel_attribution')
+
+
 def earlier_run_arguments(sidecar: dict, folder: str) -> List[str]:
-    """The arguments that give an earlier run's maps again, from its CASE_cam.json."""
+    """The arguments that give an earlier run's maps (and channel attribution) again, from its CASE_cam.json."""
     args = ['-i', *sidecar['inputs'], '-o', folder, '-m', sidecar['model'], '-f', *map(str, sidecar['folds']),
             '-chk', sidecar['checkpoint'], '--method', sidecar['method'], '--target-layer', *sidecar['layers'],
             '--target-class', *sidecar['classes'], '-step_size', str(sidecar['step_size'])]
-    if sidecar.get('pooling'):
-        args += ['--pooling', sidecar['pooling']]
+    # pool size and mode: SegXResCAM's alone, None for other methods
+    for key, flag in (('pooling', '--pooling'), ('pool_size', '--pool-size'), ('pool_mode', '--pool-mode'),
+                      ('prev_stage_predictions', '-prev_stage_predictions')):
+        if sidecar[key] is not None:
+            args += [flag, str(sidecar[key])]
     if not sidecar['tta']:
         args.append('--disable_tta')
-    if sidecar.get('target_mask'):
+    if sidecar['channel_attribution']:
+        args.append('--channel-attribution')
+    if sidecar['target_mask']:
         args += ['--target-mask', sidecar['target_mask']]
-    elif sidecar.get('target_region') == 'all':
+    elif sidecar['target_region'] == 'all':
         args += ['--target-region', 'all']
     return args
 
 
 def evaluate_earlier_run(argv: List[str]) -> int:
-    """`nnunetv2_cam evaluate -o FOLDER [--eval-... options]`: each case of an earlier run again, with the model,
-    folds, classes, layers, method, pooling, step and TTA its sidecar names, plus --evaluate, over its outputs."""
+    """`nnunetv2_cam evaluate -o FOLDER [--eval-... options]`: each case of an earlier run again, with every
+    map-changing option its sidecar records (model, folds, checkpoint, classes, layers, method, pooling, SegXResCAM's
+    pool size and mode, region, step, TTA, previous-stage folder, channel attribution), plus --evaluate, over its
+    outputs. A sidecar that lacks one is refused before any case runs."""
     parser = argparse.ArgumentParser(prog='nnunetv2_cam evaluate', description=evaluate_earlier_run.__doc__)
     parser.add_argument('-o', '--output', required=True, help='the earlier run\'s output folder')
     known, rest = parser.parse_known_args(argv)
-    sidecars = sorted(Path(known.output).glob('*_cam.json'))
-    if not sidecars:
+    paths = sorted(Path(known.output).glob('*_cam.json'))
+    if not paths:
         print(f'error: no CASE_cam.json in {known.output}; give the output folder of an earlier nnunetv2_cam run',
               file=sys.stderr)
         return 2
-    for path in sidecars:
-        rc = main(earlier_run_arguments(json.loads(path.read_text()), known.output) + ['--evaluate', '--overwrite',
-                                                                                     *rest])
+    sidecars = [json.loads(p.read_text()) for p in paths]
+    for path, sc in zip(paths, sidecars):
+        missing = [k for k in REPLAYED if k not in sc]
+        if missing:
+            print(f'error: {path} does not record {", ".join(missing)}, which can change the map, so its maps cannot '
+                  f'be made again exactly; run those cases again with their options and --evaluate', file=sys.stderr)
+            return 2
+    for sc in sidecars:
+        rc = main(earlier_run_arguments(sc, known.output) + ['--evaluate', '--overwrite', *rest])
         if rc:
             return rc
     return 0

@@ -113,8 +113,13 @@ def _auc(y, x) -> float:
     return float(np.sum((np.asarray(y[1:]) + np.asarray(y[:-1])) * np.diff(x)) / 2)
 
 
+# a score difference below this is float rounding of a mean probability, not a change
+SCORE_ROUNDING = 1e-6
+
+
 class CaseEvaluation:
-    """The evaluation of one case's maps; every prediction reuses the preprocessed case and the loaded networks."""
+    """The evaluation of one case's maps: which classes can be evaluated and over which region, and progress over
+    every prediction; `DeletionCurves` and `SanityCheck` reuse its preprocessed case and loaded networks."""
 
     def __init__(self, engine, data: torch.Tensor, logits: torch.Tensor, maps: torch.Tensor,
                  settings: EvaluationSettings, target_mask: Optional[torch.Tensor] = None,
@@ -148,114 +153,30 @@ class CaseEvaluation:
                 continue
             sanity = len(randomisation_groups(self.engine.networks[0])) + 2 if self.s.sanity else 0
             out[t.name] = {'index': i, 'mask': mask, 'region': region, 'predict': predict}
-            self.total += 1 + (2 + self.s.seeds) * per_ranking + sanity
+            self.total += 2 + (2 + self.s.seeds) * per_ranking + sanity
         return out
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
         self.done += 1
         if self.on_step:
             self.on_step(self.done, max(self.total, self.done))
 
     def scores(self, predict: RegionPrediction, variants: List[torch.Tensor], t: Target) -> List[float]:
         """The class's mean probability (softmax, or sigmoid for a region) inside the region, per variant."""
-        out = [self._score_of(logits, t) for logits in predict(variants)]
+        out = [self.score_of(logits, t) for logits in predict(variants)]
         for _ in variants:
-            self._tick()
+            self.tick()
         return out
 
-    def _score_of(self, logits: torch.Tensor, t: Target) -> float:
+    def score_of(self, logits: torch.Tensor, t: Target) -> float:
         probs = torch.sigmoid(logits[t.channel]) if self.has_regions else torch.softmax(logits, 0)[t.channel]
         return float(probs.double().mean())
 
     def curves(self, t: Target, i: int, region: torch.Tensor, predict: RegionPrediction) -> dict:
-        """Deletion and insertion of the map's ranking and of random rankings; AUCs over the fraction changed.
-        A random ranking's insertion is its deletion read backwards (inserting the last-ranked voxels first is
-        deleting the first-ranked: the same images), so each random seed costs one curve of predictions."""
-        inside = region.numpy()
-        cam = self.maps[i].numpy()[inside]
-        idx = np.flatnonzero(inside.ravel())
-        rng = np.random.default_rng(0)
-        order = np.lexsort((rng.random(cam.size), -cam))  # highest first, ties in random order
-        randoms = [np.random.default_rng(1000 + seed).permutation(cam.size) for seed in range(self.s.seeds)]
-        fractions = np.linspace(0, 1, self.s.steps + 1)
-        original = self._score_of(self.logits[:, region], t)
-        blank = self.data.clone()
-        blank[:self.n_images, region] = self.base[:self.n_images, region]
-        baseline = self.scores(predict, [blank], t)[0]
-        flat_data, flat_base = self.data.flatten(1), self.base.flatten(1)
-
-        def replaced(start, source, top):
-            x = start.clone().flatten(1)
-            x[:self.n_images, top] = source[:self.n_images, top]
-            return x.view_as(self.data)
-
-        deletion, insertion = [original], [baseline]
-        random_deletion = [[original] for _ in randoms]
-        for f in fractions[1:-1]:
-            n = int(round(f * cam.size))
-            top = idx[order[:n]]
-            variants = [replaced(self.data, flat_base, top), replaced(blank, flat_data, top)] + \
-                [replaced(self.data, flat_base, idx[r[:n]]) for r in randoms]
-            s = self.scores(predict, variants, t)
-            deletion.append(s[0])
-            insertion.append(s[1])
-            for curve, score in zip(random_deletion, s[2:]):
-                curve.append(score)
-        deletion.append(baseline)
-        insertion.append(original)
-        for curve in random_deletion:
-            curve.append(baseline)
-        random_insertion = [curve[::-1] for curve in random_deletion]
-        random_del = float(np.mean([_auc(c, fractions) for c in random_deletion]))
-        random_ins = float(np.mean([_auc(c, fractions) for c in random_insertion]))
-        return {
-            'fractions': fractions.round(6).tolist(),
-            'deletion': deletion, 'insertion': insertion,
-            'random_deletion': np.mean(random_deletion, 0).tolist(),
-            'random_insertion': np.mean(random_insertion, 0).tolist(),
-            'deletion_auc': _auc(deletion, fractions), 'insertion_auc': _auc(insertion, fractions),
-            'random_deletion_auc': random_del, 'random_insertion_auc': random_ins,
-            # below 1: the map finds what the score needs faster than chance; above 1 for insertion
-            'deletion_ratio': _auc(deletion, fractions) / random_del if random_del > 0 else None,
-            'insertion_ratio': _auc(insertion, fractions) / random_ins if random_ins > 0 else None,
-        }
-
-    def _region_map(self, networks, data, t: Target, mask, region) -> np.ndarray:
-        """The map of target t over `mask` (fixed: the trained model's), from the region's tiles, inside the region."""
-        e = self.engine
-        spec = CamSpec(e.method, e.layers, [t], e.pooling, mask=mask, only_region=region)
-        self._tick()
-        out = sliding_window_cam(self.predictor, networks, data, spec)
-        return combine_layers(out.cams)[0][region].numpy()
+        return DeletionCurves(self)(t, i, region, predict)
 
     def sanity(self, t: Target, mask, region) -> dict:
-        """Cascading model-parameter randomisation and data randomisation, by rank correlation with the trained
-        model's map inside the region (the same target voxels throughout)."""
-        trained = self._region_map(self.engine.networks, self.data, t, mask, region)
-        nets = [copy.deepcopy(n) for n in self.engine.networks]
-        steps = []
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            for name, modules in randomisation_groups(nets[0]):
-                for net in nets:
-                    for m in modules:
-                        reinitialise(net.get_submodule(m))
-                steps.append({'randomised': f'up to {name}',
-                              'spearman': _spearman(trained, self._region_map(nets, self.data, t, mask, region))})
-        n_dec = len(self.engine.networks[0].decoder.stages)
-        after_decoder = steps[n_dec - 1]['spearman']
-        shuffled = self.data.clone()
-        g = torch.Generator().manual_seed(0)
-        for c in range(self.n_images):
-            flat = shuffled[c].flatten()
-            shuffled[c] = flat[torch.randperm(flat.numel(), generator=g)].view_as(shuffled[c])
-        data_r = _spearman(trained, self._region_map(self.engine.networks, shuffled, t, mask, region))
-        passes = after_decoder is None or after_decoder <= SANITY_LIMIT
-        return {'model_randomisation': steps, 'spearman_after_decoder': after_decoder,
-                'data_randomisation_spearman': data_r, 'passes': passes,
-                'verdict': ('passes' if passes else 'FAILS') + f' the sanity check: rank correlation '
-                           f'{"undefined (the map is flat)" if after_decoder is None else f"{after_decoder:.2f}"} '
-                           f'with the trained map once the decoder is random (fails above {SANITY_LIMIT})'}
+        return SanityCheck(self)(t, mask, region)
 
     def run(self) -> Dict[str, dict]:
         plans = self.plan()
@@ -273,15 +194,148 @@ class CaseEvaluation:
         return out
 
 
+class DeletionCurves:
+    """Deletion and insertion of the map's ranking and of random rankings; AUCs over the fraction changed. A random
+    ranking's insertion is its deletion read backwards (inserting the last-ranked voxels first is deleting the
+    first-ranked: the same images), so each random seed costs one curve of predictions.
+
+    The curves run between the original case's score and the score with the whole region baseline. Only where the
+    baseline lowers the score can they rank maps (ROAD, Rong et al. 2022: a removal can add information of its
+    own); elsewhere the ratios are None, with the reason. The AUCs are also given normalised by that gap,
+    (AUC - baseline) / (original - baseline): RISE (Petsiuk et al. 2018) compares raw AUCs of maps of the same
+    image, which share both ends; the gap makes cases with other scores comparable."""
+
+    def __init__(self, ev: CaseEvaluation):
+        self.ev = ev
+
+    def __call__(self, t: Target, i: int, region: torch.Tensor, predict: RegionPrediction) -> dict:
+        ev = self.ev
+        inside = region.numpy()
+        cam = ev.maps[i].numpy()[inside]
+        idx = np.flatnonzero(inside.ravel())
+        rng = np.random.default_rng(0)
+        order = np.lexsort((rng.random(cam.size), -cam))  # highest first, ties in random order
+        randoms = [np.random.default_rng(1000 + seed).permutation(cam.size) for seed in range(ev.s.seeds)]
+        fractions = np.linspace(0, 1, ev.s.steps + 1)
+        blank = ev.data.clone()
+        blank[:ev.n_images, region] = ev.base[:ev.n_images, region]
+        # both ends by the same re-prediction as every step
+        original, baseline = ev.scores(predict, [ev.data, blank], t)
+        flat_data, flat_base = ev.data.flatten(1), ev.base.flatten(1)
+
+        def replaced(start, source, top):
+            x = start.clone().flatten(1)
+            x[:ev.n_images, top] = source[:ev.n_images, top]
+            return x.view_as(ev.data)
+
+        deletion, insertion = [original], [baseline]
+        random_deletion = [[original] for _ in randoms]
+        for f in fractions[1:-1]:
+            n = int(round(f * cam.size))
+            top = idx[order[:n]]
+            variants = [replaced(ev.data, flat_base, top), replaced(blank, flat_data, top)] + \
+                [replaced(ev.data, flat_base, idx[r[:n]]) for r in randoms]
+            s = ev.scores(predict, variants, t)
+            deletion.append(s[0])
+            insertion.append(s[1])
+            for curve, score in zip(random_deletion, s[2:]):
+                curve.append(score)
+        deletion.append(baseline)
+        insertion.append(original)
+        for curve in random_deletion:
+            curve.append(baseline)
+        random_insertion = [curve[::-1] for curve in random_deletion]
+        aucs = {'deletion_auc': _auc(deletion, fractions), 'insertion_auc': _auc(insertion, fractions),
+                'random_deletion_auc': float(np.mean([_auc(c, fractions) for c in random_deletion])),
+                'random_insertion_auc': float(np.mean([_auc(c, fractions) for c in random_insertion]))}
+        return {'fractions': fractions.round(6).tolist(), 'deletion': deletion, 'insertion': insertion,
+                'random_deletion': np.mean(random_deletion, 0).tolist(),
+                'random_insertion': np.mean(random_insertion, 0).tolist(), **aucs,
+                **self.ranking(original, baseline, aucs)}
+
+    def ranking(self, original: float, baseline: float, aucs: dict) -> dict:
+        gap = original - baseline
+        out = {'original_score': original, 'baseline_score': baseline, 'can_rank': gap > SCORE_ROUNDING}
+        if not out['can_rank']:
+            return {**out, 'deletion_ratio': None, 'insertion_ratio': None, 'deletion_auc_normalised': None,
+                    'insertion_auc_normalised': None,
+                    'cannot_rank': f'the region all baseline ({self.ev.s.baseline}) scores {baseline:.4g}, not below '
+                                   f'the original\'s {original:.4g}: removing it does not lower the score, so the '
+                                   f'curves cannot rank maps for this case'}
+        rd, ri = aucs['random_deletion_auc'], aucs['random_insertion_auc']
+        return {**out,
+                # below 1: the map finds what the score needs faster than chance; above 1 for insertion
+                'deletion_ratio': aucs['deletion_auc'] / rd if rd > 0 else None,
+                'insertion_ratio': aucs['insertion_auc'] / ri if ri > 0 else None,
+                # 0: the score falls to the baseline's at once (deletion); 1: it is back at once (insertion)
+                'deletion_auc_normalised': (aucs['deletion_auc'] - baseline) / gap,
+                'insertion_auc_normalised': (aucs['insertion_auc'] - baseline) / gap}
+
+
+class SanityCheck:
+    """Cascading model-parameter randomisation and data randomisation (Adebayo et al. 2018), by rank correlation
+    with the trained model's map inside the region (the same target voxels throughout). A flat map has no rank
+    correlation: the check is then undefined (`passes` None), never a pass."""
+
+    def __init__(self, ev: CaseEvaluation):
+        self.ev = ev
+
+    def _region_map(self, networks, data, t: Target, mask, region) -> np.ndarray:
+        """The map of target t over `mask` (fixed: the trained model's), from the region's tiles, inside the region."""
+        e = self.ev.engine
+        spec = CamSpec(e.method, e.layers, [t], e.pooling, mask=mask, only_region=region)
+        self.ev.tick()
+        out = sliding_window_cam(self.ev.predictor, networks, data, spec)
+        return combine_layers(out.cams)[0][region].numpy()
+
+    def __call__(self, t: Target, mask, region) -> dict:
+        ev = self.ev
+        trained = self._region_map(ev.engine.networks, ev.data, t, mask, region)
+        nets = [copy.deepcopy(n) for n in ev.engine.networks]
+        steps = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for name, modules in randomisation_groups(nets[0]):
+                for net in nets:
+                    for m in modules:
+                        reinitialise(net.get_submodule(m))
+                steps.append({'randomised': f'up to {name}',
+                              'spearman': _spearman(trained, self._region_map(nets, ev.data, t, mask, region))})
+        n_dec = len(ev.engine.networks[0].decoder.stages)
+        after_decoder = steps[n_dec - 1]['spearman']
+        shuffled = ev.data.clone()
+        g = torch.Generator().manual_seed(0)
+        for c in range(ev.n_images):
+            flat = shuffled[c].flatten()
+            shuffled[c] = flat[torch.randperm(flat.numel(), generator=g)].view_as(shuffled[c])
+        data_r = _spearman(trained, self._region_map(ev.engine.networks, shuffled, t, mask, region))
+        out = {'model_randomisation': steps, 'spearman_after_decoder': after_decoder,
+               'data_randomisation_spearman': data_r}
+        if after_decoder is None:
+            flat = 'the trained map' if np.ptp(trained) == 0 else 'the map once the decoder is random'
+            return {**out, 'passes': None,
+                    'verdict': f'is UNDEFINED in the sanity check: {flat} is flat in the region, and a constant map '
+                               f'has no rank correlation; undefined is not a pass'}
+        passes = after_decoder <= SANITY_LIMIT
+        return {**out, 'passes': passes,
+                'verdict': ('passes' if passes else 'FAILS') + f' the sanity check: rank correlation '
+                           f'{after_decoder:.2f} with the trained map once the decoder is random (fails above '
+                           f'{SANITY_LIMIT})'}
+
+
 def mask_statistics(cam: np.ndarray, mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> dict:
     """Where a map (original geometry, peak 1) lies against a mask: its energy inside and in a ring of margin_mm
     around it, whether its maximum falls inside (pointing game), and the distance in mm between the centroid of the
-    map above half its maximum and the mask's. Zeros where the map or the mask is empty. Sums in float64 (float32
-    sums of the parts can exceed the whole's)."""
+    map above half its maximum and the mask's. A map that is zero everywhere has none of these (None, with the
+    reason in `undefined`); an empty mask holds no energy and no maximum, and has no centroid. Sums in float64
+    (float32 sums of the parts can exceed the whole's)."""
     total = float(cam.sum(dtype=np.float64))
-    if total <= 0 or not mask.any():
-        return {'energy_in_mask': 0.0, 'energy_in_ring': 0.0, 'pointing_game': False, 'centroid_distance_mm': 0.0,
-                'mask_voxels': int(mask.sum())}
+    if total <= 0:
+        return {'energy_in_mask': None, 'energy_in_ring': None, 'pointing_game': None, 'centroid_distance_mm': None,
+                'mask_voxels': int(mask.sum()), 'undefined': 'the map is zero everywhere'}
+    if not mask.any():
+        return {'energy_in_mask': 0.0, 'energy_in_ring': 0.0, 'pointing_game': False, 'centroid_distance_mm': None,
+                'mask_voxels': 0, 'undefined': 'the mask is empty: no centroid'}
     sampling = [float(s) for s in spacing]
     ring = dilate(mask, sampling, margin_mm) & ~mask
     hot = cam >= 0.5 * cam.max()
@@ -331,7 +385,9 @@ def plot_curves(evaluation: Dict[str, dict], path: str, case: str) -> bool:
             ax.plot(x, e[kind], 'o-', color='tab:red', label=f'map (AUC {e[f"{kind}_auc"]:.3f})')
             ax.plot(x, e[f'random_{kind}'], 's--', color='gray',
                     label=f'random (AUC {e[f"random_{kind}_auc"]:.3f})')
-            ax.set_title(f'{name}: {kind}')
+            ax.set_title(f'{name}: {kind}' + ('' if e.get('can_rank', True) else
+                                                 ' (cannot rank: the baseline does not lower the score)'), fontsize=9)
+            ax.axhline(e['baseline_score'], color='tab:blue', lw=0.8, ls=':', label='region all baseline')
             ax.set_xlabel('% of the region ' + ('removed' if kind == 'deletion' else 'restored') + ', top-ranked first')
             ax.set_ylabel('mean probability in region')
             ax.set_ylim(0, 1)

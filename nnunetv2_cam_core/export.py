@@ -1,10 +1,11 @@
 """Back to the original image geometry, with nnU-Net's export steps, and atomic writing of a case's files."""
-import gzip
 import json
 import mmap
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict
@@ -89,20 +90,37 @@ def compressing_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
-GZIP_PIECE, GZIP_LEVEL = 1 << 22, 6
+GZIP_PIECE, GZIP_LEVEL, WINDOW = 1 << 22, 6, 1 << 15
+# the header of a gzip member (RFC 1952): deflate, no flags, no time, no extra flags, OS unknown
+GZIP_HEADER = b'\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff'
+
+
+def _deflate_piece(m, start: int, end: int, last: bool) -> bytes:
+    """A raw deflate stream of m[start:end] that continues the one before it, as pigz's: the 32 KiB before the
+    piece as the preset dictionary (the window its back-references may reach), ended by a sync flush (byte
+    aligned, not final) except for the last piece."""
+    c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15, zdict=m[max(0, start - WINDOW):start]) if start else \
+        zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15)
+    return c.compress(m[start:end]) + c.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
 
 
 def gzip_on_cores(source: str, target: str, cores: int) -> None:
-    """source -> target as gzip, in 4 MiB pieces compressed at once, one gzip member each (a gzip file may hold
-    several, RFC 1952; zlib's, ITK's, Python's and nibabel's readers read them all); source is removed. At most
-    2 x cores pieces are held at a time. A 256³ float map: SimpleITK 2.0 s, this 3.0 s on one core, 1.7 s on two."""
+    """source -> target as ONE gzip member, compressed in 4 MiB pieces at once, as pigz does (readers that stop at
+    the first member, such as web viewers' fflate, read it whole); source is removed. At most 2 x cores pieces are
+    held at a time; the CRC runs alongside."""
     window = 2 * cores * GZIP_PIECE
+    crc = 0
     with open(source, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, \
             open(target, 'wb') as out, ThreadPoolExecutor(cores) as pool:  # zlib lets go of the GIL
-        for start in range(0, len(m), window):
-            pieces = range(start, min(start + window, len(m)), GZIP_PIECE)
-            for member in pool.map(lambda i: gzip.compress(m[i:i + GZIP_PIECE], GZIP_LEVEL, mtime=0), pieces):
-                out.write(member)
+        out.write(GZIP_HEADER)
+        size = len(m)
+        for start in range(0, size, window):
+            jobs = [pool.submit(_deflate_piece, m, i, min(i + GZIP_PIECE, size), i + GZIP_PIECE >= size)
+                    for i in range(start, min(start + window, size), GZIP_PIECE)]
+            crc = zlib.crc32(m[start:start + window], crc)
+            for job in jobs:
+                out.write(job.result())
+        out.write(struct.pack('<II', crc, size & 0xFFFFFFFF))
     os.remove(source)
 
 

@@ -1,7 +1,7 @@
 """Input cases in nnU-Net naming (CASE_0000.ext, CASE_0001.ext ...), read and checked with the model's reader."""
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -16,16 +16,26 @@ def _split(path: Path, endings: Sequence[str]) -> Tuple[str, str]:
     raise UsageError(f'{path} has an unsupported file ending; this model reads {", ".join(endings)}')
 
 
+def list_folder(folder: Path, endings: Sequence[str], file_ending: Optional[str]) -> Tuple[List[Path], List[Path]]:
+    """(images taken, images left out) of a folder, as nnU-Net lists it for a model: the files ending in the
+    dataset's file ending, that exact case (nnU-Net's create_lists_from_splitted_dataset_folder), so that
+    -num_parts splits the same cases. A folder without any holds other endings the reader takes: all of those."""
+    files = sorted(f for f in folder.iterdir() if f.is_file() and any(f.name.lower().endswith(e.lower())
+                                                                       for e in endings))
+    own = [f for f in files if file_ending and f.name.endswith(file_ending)]
+    return (own, [f for f in files if f not in own]) if own else (files, [])
+
+
 def find_cases(inputs: Sequence[str], endings: Sequence[str], channel_names: Dict[str, str],
-               rgb_files: bool = False) -> Dict[str, List[str]]:
+               rgb_files: bool = False, file_ending: Optional[str] = None) -> Dict[str, List[str]]:
     """case id -> files ordered by channel. Channels are grouped by exact case id, never by prefix. With
-    `rgb_files` (natural images) one file may hold several channels (RGB in CASE_0000.png): the reader counts."""
+    `rgb_files` (natural images) one file may hold several channels (RGB in CASE_0000.png): the reader counts.
+    Folders are listed as nnU-Net lists them for `file_ending` (`list_folder`)."""
     files: List[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.is_file() and
-                            any(f.name.lower().endswith(e.lower()) for e in endings))
+            files += list_folder(p, endings, file_ending)[0]
         elif p.is_file():
             files.append(p)
         else:

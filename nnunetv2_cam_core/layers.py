@@ -1,8 +1,10 @@
 """Target layers: names, defaults, listing, and capturing their outputs during the forward pass."""
 import difflib
+import logging
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet, ResidualUNet
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from dynamic_network_architectures.building_blocks.unet_residual_decoder import UNetResDecoder
 from torch import nn
@@ -43,33 +45,69 @@ def resolve_layers(network: nn.Module, names: Sequence[str]) -> List[str]:
     return out
 
 
+# nnU-Net's U-Nets: forward is decoder(encoder(x)), and the decoder applies seg_layers[-1] to its last stage's output
+# and returns it (no deep supervision)
+EXACT_NETWORKS = (PlainConvUNet, ResidualEncoderUNet, ResidualUNet)
+EXACT_DECODERS = (UNetDecoder, UNetResDecoder)
+
+
 def head_of(network: nn.Module, names: Sequence[str]) -> Optional[nn.Module]:
     """The module that makes the network's output from the one target layer's, where that is all that follows it:
-    the segmentation layer after the last decoder stage (no deep supervision). None otherwise."""
+    the segmentation convolution after the last decoder stage of one of nnU-Net's own U-Nets (exact classes, so no
+    overridden forward in between), without deep supervision. None otherwise (no replay)."""
     dec = getattr(network, 'decoder', None)
-    # nnU-Net's decoders apply seg_layers[-1] to the last stage's output and do nothing after it
-    if len(names) != 1 or not isinstance(dec, (UNetDecoder, UNetResDecoder)) or dec.deep_supervision:
+    if len(names) != 1 or type(network) not in EXACT_NETWORKS or type(dec) not in EXACT_DECODERS \
+            or dec.deep_supervision or names[0] != decoder_stages(network)[-1]:
         return None
-    return dec.seg_layers[-1] if names[0] == decoder_stages(network)[-1] else None
+    head = dec.seg_layers[-1]
+    return head if type(head) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else None
+
+
+log = logging.getLogger(__name__)
 
 
 class LayerCache:
     """A case's target-layer outputs, per tile and forward (fold x mirror), kept by one run for the next ones at
     that layer (the server's): where only the segmentation layer follows it (`head_of`), another class or method
     needs no forward pass, as the logits and the gradients come from the kept output and that layer alone. Holds
-    at most `budget_bytes`; tiles beyond it run as usual."""
+    at most `budget_bytes`; tiles beyond it run as usual. The first forward each fold keeps is checked: the head
+    replayed on the kept output must give the network's output, or the cache turns itself off (`off`)."""
 
     def __init__(self, layer: str, budget_bytes: int):
         self.layer, self.budget, self.nbytes = layer, budget_bytes, 0
         self.outputs: Dict[tuple, torch.Tensor] = {}
         self.block: Optional[torch.Tensor] = None
+        self.checked: set = set()  # folds whose replay matched a real forward
+        self.off: Optional[str] = None  # why the cache is off
 
     def get(self, key: tuple) -> Optional[torch.Tensor]:
-        return self.outputs.get(key)
+        return None if self.off else self.outputs.get(key)
+
+    def check(self, fold: int, head: nn.Module, output: torch.Tensor, network_output: torch.Tensor) -> bool:
+        """Once per fold: does the head alone, on the layer's output, give the network's output? If not, the cache
+        is emptied and off, with a log line."""
+        if self.off or fold in self.checked:
+            return not self.off
+        with torch.no_grad():
+            replay = head(output.detach()).float()
+        real = network_output.detach().float()
+        # the same operations on the same values: equal up to float rounding (float16 under autocast)
+        tol = (1e-2 if real.dtype == torch.float16 or output.dtype == torch.float16 else 1e-4) * \
+            max(float(real.abs().max()), 1.0)
+        if replay.shape == real.shape and float((replay - real).abs().max()) <= tol:
+            self.checked.add(fold)
+            return True
+        diff = float((replay - real).abs().max()) if replay.shape == real.shape else float('inf')
+        self.off = (f'the segmentation layer replayed on {self.layer}\'s output differs from the network\'s output '
+                    f'(fold {fold}, by up to {diff:.3g}): something after that layer changes the output; the layer '
+                    f'cache is off and every tile runs its forwards')
+        log.warning(self.off)
+        self.outputs, self.block, self.nbytes = {}, None, 0
+        return False
 
     def keep(self, key: tuple, output: torch.Tensor) -> None:
         n = -(-output.nelement() * output.element_size() // 64) * 64
-        if key in self.outputs or self.nbytes + n > self.budget:
+        if self.off or key in self.outputs or self.nbytes + n > self.budget:
             return
         if self.block is None:  # one allocation: outputs kept one by one would strand freed memory between them
             self.block = torch.empty(self.budget, dtype=torch.uint8)

@@ -1,6 +1,6 @@
 """`nnunetv2_cam report OUT_A [OUT_B] -o REPORT`: one row per case and class from the sidecars and files of one or
-two output folders (cohorts), each figure's median and IQR per cohort, and for two cohorts a Mann-Whitney U test and
-its rank-biserial effect size; cases.csv, summary.md, distributions.png and overview.png."""
+two output folders (cohorts), each figure per cohort (median and IQR, or a hit rate) and for two cohorts a test
+between them (`cohort_statistics`); cases.csv, summary.md, distributions.png and overview.png."""
 import argparse
 import csv
 import json
@@ -10,14 +10,17 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .cohort_statistics import BINARY, compare, summary
 from .errors import CamError, UsageError
 from .evaluation import mask_statistics
 from .progress import Progress
 
 FIGURES = ('predicted_volume_ml', 'energy_in_mask', 'energy_in_ring', 'pointing_game', 'centroid_distance_mm',
            'deletion_ratio', 'insertion_ratio', 'sanity_spearman')
-SETTINGS = ('model', 'configuration', 'folds', 'checkpoint', 'method', 'layers', 'pooling', 'tta', 'step_size')
-MUST_MATCH = ('model', 'layers', 'method', 'classes')
+# every setting that changes a map: cohorts compared must share them all (unless forced)
+SETTINGS = ('model', 'configuration', 'folds', 'checkpoint', 'method', 'layers', 'classes', 'pooling', 'pool_size',
+            'pool_mode', 'target_region', 'tta', 'step_size')
+WHERE = ('energy_in_mask', 'energy_in_ring', 'pointing_game', 'centroid_distance_mm')
 
 
 def _read(path: Path):
@@ -57,7 +60,7 @@ def _cases(folder: Path) -> List[dict]:
 
 
 def _check(cohorts: Dict[str, List[dict]], force: bool) -> None:
-    """One model, layer set, method and class list across every case of every cohort, unless forced."""
+    """Every map-changing setting the same across every case of every cohort, unless forced."""
     if force:
         return
     first_label, first = next(iter(cohorts.items()))
@@ -65,15 +68,16 @@ def _check(cohorts: Dict[str, List[dict]], force: bool) -> None:
     for label, sidecars in cohorts.items():
         for sc in sidecars:
             s = _settings(sc)
-            for key in MUST_MATCH:
+            for key in SETTINGS:
                 if s[key] != ref[key]:
                     raise UsageError(f'{key} differs: {ref[key]} ({first_label}, {first[0]["case"]}) vs {s[key]} '
-                                     f'({label}, {sc["case"]}); compare runs with the same {key}, or pass --force')
+                                     f'({label}, {sc["case"]}); it changes the maps, so compare runs with the same '
+                                     f'{key}, or pass --force')
 
 
 def case_records(label: str, folder: Path, sidecar: dict, margin_mm: float) -> List[dict]:
     """One row per class of one case: predicted volume, where the map lies against the predicted mask, and the
-    --evaluate figures when that ran."""
+    --evaluate figures when that ran; `undefined` says why a figure is missing."""
     seg, spacing = _read(folder / sidecar['segmentation'])
     voxel_ml = float(np.prod(spacing)) / 1000
     rows = []
@@ -82,53 +86,62 @@ def case_records(label: str, folder: Path, sidecar: dict, margin_mm: float) -> L
         cam = cam.reshape(seg.shape)
         mask = np.isin(seg, st['labels'])
         m = mask_statistics(cam, mask, spacing, margin_mm)
-        where = {'energy_in_mask': m['energy_in_mask'], 'energy_in_ring': m['energy_in_ring'],
-                 'pointing_game': int(m['pointing_game']), 'centroid_distance_mm': m['centroid_distance_mm']}
+        where = {k: m[k] for k in WHERE}
+        if where['pointing_game'] is not None:
+            where['pointing_game'] = int(where['pointing_game'])
+        undefined = {}
         if not mask.any():
             where = dict.fromkeys(where)  # where the map lies against a mask: undefined without one
+            undefined.update(dict.fromkeys(WHERE, 'no predicted voxels'))
+        elif m.get('undefined'):
+            undefined.update({k: m['undefined'] for k in WHERE if where[k] is None})
         ev = st.get('evaluation') or {}
         sanity = ev.get('sanity') or {}
+        for k in ('deletion_ratio', 'insertion_ratio'):
+            if ev.get(k) is None:
+                undefined[k] = 'cannot rank: the baseline does not lower the score' if ev.get('cannot_rank') else \
+                    'not evaluated'
+        if sanity.get('spearman_after_decoder') is None:
+            undefined['sanity_spearman'] = 'flat map' if sanity else 'not evaluated'
         rows.append({'cohort': label, 'case': sidecar['case'], 'class': name,
                      'predicted_volume_ml': int(mask.sum()) * voxel_ml, **where,
                      'deletion_ratio': ev.get('deletion_ratio'), 'insertion_ratio': ev.get('insertion_ratio'),
                      'deletion_auc': ev.get('deletion_auc'), 'insertion_auc': ev.get('insertion_auc'),
+                     'original_score': ev.get('original_score'), 'baseline_score': ev.get('baseline_score'),
                      'sanity_spearman': sanity.get('spearman_after_decoder'),
+                     'undefined': json.dumps(undefined) if undefined else None,
                      **{k: json.dumps(v) if isinstance(v, (list, dict)) else v
                         for k, v in _settings(sidecar).items() if k != 'classes'}})
     return rows
 
 
-def _values(records: List[dict], cohort: str, name: str, figure: str) -> List[float]:
-    """One figure of one cohort and class, the cases where it is defined."""
-    return [r[figure] for r in records if r['cohort'] == cohort and r['class'] == name and r[figure] is not None]
+def _left_out(records: List[dict], cohort: str, name: str, figure: str) -> Dict[str, int]:
+    """Why a figure is missing, with the number of cases, in one cohort and class."""
+    out: Dict[str, int] = {}
+    for r in records:
+        if r['cohort'] == cohort and r['class'] == name and r[figure] is None:
+            why = json.loads(r['undefined'] or '{}').get(figure, 'undefined')
+            out[why] = out.get(why, 0) + 1
+    return out
 
 
-def _summary(values: Sequence[float]) -> dict:
-    v = np.asarray(values, float)
-    q1, med, q3 = np.percentile(v, [25, 50, 75])
-    return {'n': len(v), 'median': float(med), 'q1': float(q1), 'q3': float(q3)}
-
-
-def _rank_test(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Two-sided Mann-Whitney U; effect size: rank-biserial correlation 2U/(n_a n_b) - 1 (> 0: A tends higher)."""
-    from scipy.stats import mannwhitneyu
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if np.ptp(np.concatenate([a, b])) == 0:
-        return {'u': len(a) * len(b) / 2, 'p': 1.0, 'effect_size': 0.0}
-    r = mannwhitneyu(a, b, alternative='two-sided')
-    return {'u': float(r.statistic), 'p': float(r.pvalue), 'effect_size': 2 * float(r.statistic) / (len(a) * len(b)) - 1}
+def _by_case(records: List[dict], cohort: str, name: str, figure: str) -> Dict[str, float]:
+    return {r['case']: r[figure] for r in records if r['cohort'] == cohort and r['class'] == name
+            and r[figure] is not None}
 
 
 def compare_cohorts(folder_a, folder_b=None, force: bool = False, margin_mm: float = 5.0,
                     progress: Optional[Progress] = None) -> dict:
     """One or two output folders -> {'records': one dict per case and class, 'summaries': per cohort, class and
-    figure (n, median, q1, q3), 'tests': per class and figure for two cohorts (u, p, effect_size)}."""
+    figure (n, median, q1, q3; or hits, rate and its 95 % interval) and the cases left out with why, 'tests': per
+    class and figure for two cohorts (test, p, effect_size), 'paired': whether both hold the same case ids}."""
     folders = [Path(f) for f in (folder_a, folder_b) if f is not None]
     labels = [f.resolve().name or str(f) for f in folders]
     if len(labels) == 2 and labels[0] == labels[1]:
         labels = [f'A {labels[0]}', f'B {labels[1]}']
     cohorts = {label: _cases(f) for label, f in zip(labels, folders)}
     _check(cohorts, force)
+    paired = len(labels) == 2 and {sc['case'] for sc in cohorts[labels[0]]} == {sc['case'] for sc in cohorts[labels[1]]}
     progress = progress or Progress('none')
     records = []
     for label, f in zip(labels, folders):
@@ -141,16 +154,33 @@ def compare_cohorts(folder_a, folder_b=None, force: bool = False, margin_mm: flo
     summaries, tests = [], []
     for name in classes:
         for fig in figures:
-            per = {label: _values(records, label, name, fig) for label in labels}
+            per = {label: _by_case(records, label, name, fig) for label in labels}
             for label, values in per.items():
-                if values:
-                    summaries.append({'cohort': label, 'class': name, 'figure': fig, **_summary(values)})
-            if len(labels) == 2 and all(per.values()):
-                tests.append({'class': name, 'figure': fig, **_rank_test(*per.values())})
+                left_out = _left_out(records, label, name, fig)
+                if values or left_out:
+                    summaries.append({'cohort': label, 'class': name, 'figure': fig, 'left_out': left_out,
+                                      **(summary(list(values.values()), fig in BINARY) if values else {'n': 0})})
+            t = compare(fig, *per.values(), paired) if len(labels) == 2 else None
+            if t:
+                tests.append({'class': name, 'figure': fig, **t})
     return {'cohorts': labels, 'folders': [str(f) for f in folders], 'classes': classes, 'figures': figures,
+            'paired': paired, 'settings': {label: _distinct_settings(cohorts[label]) for label in labels},
             'records': records, 'summaries': summaries, 'tests': tests,
             'failed_cases': {label: sorted(json.loads((f / 'failures.json').read_text()))
                              for label, f in zip(labels, folders) if (f / 'failures.json').is_file()}}
+
+
+def _distinct_settings(sidecars: List[dict]) -> List[dict]:
+    """Each set of settings in a cohort, with its number of cases (one set unless forced)."""
+    out: List[dict] = []
+    for sc in sidecars:
+        s = _settings(sc)
+        same = next((o for o in out if o['settings'] == s), None)
+        if same:
+            same['cases'] += 1
+        else:
+            out.append({'settings': s, 'cases': 1})
+    return out
 
 
 def _write_csv(records: List[dict], path: Path) -> None:
@@ -160,34 +190,58 @@ def _write_csv(records: List[dict], path: Path) -> None:
         w.writerows(records)
 
 
+def _cell(s: Optional[dict]) -> str:
+    if not s:
+        return '-'
+    if s['n'] == 0:
+        text = 'none'
+    elif 'rate' in s:
+        text = f'{s["rate"]:.0%} hit ({s["hits"]}/{s["n"]}) [95% CI {s["ci_low"]:.0%}, {s["ci_high"]:.0%}]'
+    else:
+        text = f'{s["median"]:.3g} [{s["q1"]:.3g}, {s["q3"]:.3g}] (n {s["n"]})'
+    if s['left_out']:
+        text += '; left out: ' + ', '.join(f'{n} {why}' for why, n in s['left_out'].items())
+    return text
+
+
 def _write_summary(result: dict, path: Path) -> None:
     labels, lines = result['cohorts'], []
     lines += ['# Cohort report', '']
     lines += [f'- {label}: `{folder}`, {len({r["case"] for r in result["records"] if r["cohort"] == label})} cases'
               + (f', {len(result["failed_cases"][label])} failed (failures.json)' if label in result['failed_cases']
                  else '') for label, folder in zip(labels, result['folders'])]
-    first = result['records'][0]
-    lines += ['', 'Settings: ' + ', '.join(f'{k} {first[k]}' for k in SETTINGS if first.get(k) is not None), '']
-    lines += ['Median [IQR] per cohort, over the cases where a figure is defined (n): where the map lies against '
-              'the mask needs a predicted mask.' + (
-                  ' Two cohorts: two-sided Mann-Whitney U; effect size = rank-biserial correlation (+1: every case of '
-                  'the first cohort higher, -1: lower); shift: p < 0.05, not corrected for the number of figures '
-                  '(about one in twenty crosses it by chance).' if len(labels) == 2 else ''), '']
+    lines.append('')
+    for label in labels:
+        for group in result['settings'][label]:
+            s = group['settings']
+            lines.append(f'Settings of {label} ({group["cases"]} cases): ' +
+                         ', '.join(f'{k} {s[k]}' for k in SETTINGS if s.get(k) is not None))
+    lines.append('')
+    two = len(labels) == 2
+    lines += ['Per cohort, over the cases where a figure is defined: median [IQR] (n), or for the pointing game (is '
+              'the map\'s maximum inside the predicted mask) the hit rate with its exact 95 % interval; "left out" '
+              'counts the cases without the figure and says why (where the map lies against the mask needs a '
+              'predicted mask and a map that is not zero everywhere; deletion ratios need a baseline that lowers the '
+              'score).' + ((' The cohorts hold the same cases, so they are compared as pairs: Wilcoxon signed-rank '
+                            '(effect size: matched-pairs rank-biserial correlation), exact McNemar for the pointing '
+                            'game (effect size: difference of hit rates).' if result['paired'] else
+                            ' Independent cohorts: two-sided Mann-Whitney U (effect size: rank-biserial correlation, '
+                            '+1: every case of the first cohort higher, -1: lower), Fisher\'s exact test for the '
+                            'pointing game (effect size: difference of hit rates).') +
+                           ' Shift: p < 0.05, not corrected for the number of figures (about one in twenty crosses '
+                           'it by chance).' if two else ''), '']
     summ = {(s['cohort'], s['class'], s['figure']): s for s in result['summaries']}
     tests = {(t['class'], t['figure']): t for t in result['tests']}
     for name in result['classes']:
         lines += [f'## {name}', '']
-        head = ['figure', *labels] + (['p', 'effect size', 'shift'] if len(labels) == 2 else [])
+        head = ['figure', *labels] + (['test', 'p', 'effect size', 'shift'] if two else [])
         lines += ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
         for fig in result['figures']:
-            cells = [fig]
-            for label in labels:
-                s = summ.get((label, name, fig))
-                cells.append(f'{s["median"]:.3g} [{s["q1"]:.3g}, {s["q3"]:.3g}] (n {s["n"]})' if s else '-')
+            cells = [fig] + [_cell(summ.get((label, name, fig))) for label in labels]
             t = tests.get((name, fig))
-            if len(labels) == 2:
-                cells += [f'{t["p"]:.3g}', f'{t["effect_size"]:+.2f}', 'yes' if t['p'] < 0.05 else 'no'] if t else \
-                    ['-', '-', '-']
+            if two:
+                cells += [t['test'], f'{t["p"]:.3g}', f'{t["effect_size"]:+.2f}', 'yes' if t['p'] < 0.05 else 'no'] \
+                    if t else ['-', '-', '-', '-']
             lines.append('| ' + ' | '.join(cells) + ' |')
         lines.append('')
     path.write_text('\n'.join(lines))
@@ -204,7 +258,7 @@ def _plot_distributions(result: dict, path: Path) -> None:
     for i, name in enumerate(classes):
         for j, f in enumerate(figures):
             ax = axes[i][j]
-            data = [_values(result['records'], label, name, f) for label in labels]
+            data = [list(_by_case(result['records'], label, name, f).values()) for label in labels]
             ax.boxplot([d or [np.nan] for d in data], widths=0.5, showfliers=False)
             for k, values in enumerate(data):
                 ax.scatter(k + 1 + rng.uniform(-0.12, 0.12, len(values)), values, s=10, alpha=0.7)
@@ -250,8 +304,8 @@ def write_report(folders: Sequence, out: Path, force: bool = False, margin_mm: f
     _write_summary(result, out / 'summary.md')
     _plot_distributions(result, out / 'distributions.png')
     _overview(result, out / 'overview.png', per_end)
-    (out / 'tests.json').write_text(json.dumps({k: result[k] for k in ('cohorts', 'folders', 'summaries', 'tests')},
-                                               indent=2))
+    (out / 'tests.json').write_text(json.dumps(
+        {k: result[k] for k in ('cohorts', 'folders', 'paired', 'settings', 'summaries', 'tests')}, indent=2))
     return result
 
 
@@ -259,8 +313,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog='nnunetv2_cam report', description=__doc__.split('\n')[0])
     p.add_argument('folders', nargs='+', type=Path, help='one or two output folders of nnunetv2_cam runs (cohorts)')
     p.add_argument('-o', '--output', type=Path, required=True, help='report folder')
-    p.add_argument('--force', action='store_true', help='compare runs with different models, layers, methods or '
-                                                        'classes')
+    p.add_argument('--force', action='store_true', help='compare runs whose map-changing settings differ (model, '
+                   'folds, checkpoint, method, layers, classes, pooling, pool size and mode, region, TTA, step)')
     p.add_argument('--margin-mm', type=float, default=5.0, help='width of the ring around the mask (default: 5)')
     p.add_argument('--cases-per-end', type=int, default=2,
                    help='overview: this many cases with the lowest and the highest energy in the mask (default: 2)')

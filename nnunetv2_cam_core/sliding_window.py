@@ -149,9 +149,8 @@ class RegionPrediction:
         self.predictor, self.networks, self.device = predictor, networks, predictor.device
         _, _, plan, self.tiles = _padded_plan(predictor, data, region, self.device)
         self.plan, self.mirrors = plan, mirror_combinations(predictor)
-        starts = [[s.start for s in plan.slicers[k][1:]] for k in self.tiles]
-        stops = [[s.stop for s in plan.slicers[k][1:]] for k in self.tiles]
-        self.box = tuple(slice(min(a), max(b)) for a, b in zip(zip(*starts), zip(*stops)))
+        bounds = [[_bounds(s) for s in plan.slicers[k][1:]] for k in self.tiles]  # per tile, per axis
+        self.box = tuple(slice(min(b[0] for b in axis), max(b[1] for b in axis)) for axis in zip(*bounds))
         self.inside = _pad_mask(predictor, region).to(self.device)[self.box]
         self.weights = plan.weight_sum[self.box][self.inside]
         self.batch = batch or (16 if self.device.type == 'cuda' else 2)  # CPU: 2 measured fastest per patch
@@ -177,7 +176,8 @@ class RegionPrediction:
                 contextlib.nullcontext():
             for k in self.tiles:
                 sl = self.plan.slicers[k]
-                at = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(sl[1:], self.box))
+                at = tuple(s - b.start if isinstance(s, int) else slice(s.start - b.start, s.stop - b.start)
+                           for s, b in zip(sl[1:], self.box))
                 tiles = [x[sl].to(self.device) for x in padded]
                 outs = [[] for _ in variants]  # per variant, in the full run's order: fold, then mirror
                 for net in self.networks:
@@ -189,6 +189,11 @@ class RegionPrediction:
                 for v, o in enumerate(outs):  # as the full run sums them
                     sums[(v, slice(None), *at)] += torch.stack(o).sum(0) / len(o) * self.plan.gaussian
         return [(s[:, self.inside] / self.weights).cpu() for s in sums]
+
+
+def _bounds(s) -> tuple:
+    """(start, stop) of a tile slicer's axis: a slice, or a 2D configuration's slice index (an int)."""
+    return (s, s + 1) if isinstance(s, int) else (s.start, s.stop)
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -226,8 +231,8 @@ class _SlidingWindowRun:
         self.volume_pooling = spec.method.pooled and (spec.pooling or spec.method.default_pooling) == 'volume'
         self.reported = 0  # tiles reported to on_tile: a retry after out-of-memory does not run progress backwards
         cache = spec.layer_cache
-        heads = [head_of(n, spec.layers) for n in networks] if cache is not None and cache.layer == spec.layers[0] \
-            and not spec.channel_attribution else []
+        heads = [head_of(n, spec.layers) for n in networks] if cache is not None and not cache.off \
+            and cache.layer == spec.layers[0] and not spec.channel_attribution else []
         self.heads = heads if heads and None not in heads else None  # per fold: output from the layer's
         self.from_cache, self.kept_now = 0, set()
 
@@ -292,8 +297,10 @@ class _SlidingWindowRun:
                 raise CamError(f'target layer {missing[0]} is not used in the forward pass at inference; '
                                f'pick another (--list-layers marks the unused ones)')
             if self.heads:
-                self.spec.layer_cache.keep(key, cap.outputs[self.spec.layers[0]])
-                self.kept_now.add(key)
+                cache, kept = self.spec.layer_cache, cap.outputs[self.spec.layers[0]]
+                if cache.check(f, self.heads[f], kept, out):
+                    cache.keep(key, kept)
+                    self.kept_now.add(key)
         return (out.flip(dims) if dims else out), [cap.outputs[n] for n in self.spec.layers]
 
     def _each_forward(self, captures):
