@@ -34,7 +34,7 @@ def prose(text: str) -> str:
 def help_text(*args: str) -> str:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])))
     out = subprocess.run([sys.executable, '-m', 'nnunetv2_cam_core', *args, '--help'], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=600)  # a loaded 2-core machine
     assert out.returncode == 0, out.stderr
     return out.stdout
 
