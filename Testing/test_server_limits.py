@@ -2,7 +2,6 @@
 model is needed: the server serves an empty --models folder; uploads, the token and the bounds are checked before
 any model is."""
 import gzip
-import json
 import os
 import resource
 import socket

@@ -13,7 +13,7 @@ from .errors import CamError, UsageError
 
 ENDED = ('done', 'failed', 'cancelled')
 ENDINGS = ('.nii.gz', '.nii', '.nrrd', '.mha', '.png', '.tif', '.tiff')  # what a server takes: one file each
-BUSY_RETRIES = 8  # a busy server (503: queue or streams full) is asked again, after its Retry-After, this often
+BUSY_RETRIES = 15  # a busy server (503: queue or streams full) is asked again, after its Retry-After, this often
 
 
 def sha256_of(path: str) -> str:
