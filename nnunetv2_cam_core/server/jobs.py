@@ -233,7 +233,8 @@ class Server:
     def add_case(self, files: List[UploadFile]) -> dict:
         """The files (one per channel) as a case: streamed to disk within --max-upload-mb, each checked from its
         header, then kept under the id of their contents (an upload of the same bytes returns that case)."""
-        self.counters['uploads'] += 1
+        with self.lock:
+            self.counters['uploads'] += 1
         if not files:
             raise HTTPException(422, 'upload one file per channel as "files"')
         names = [f.filename or '' for f in files]
@@ -349,7 +350,7 @@ class Server:
             for cid in job.cases:
                 case = self.cases.items.get(cid)
                 if case is not None:
-                    case.jobs -= 1
+                    case.jobs, case.used = case.jobs - 1, time.monotonic()  # its lifetime counts from here
 
     def forget(self, job_id: str) -> Job:
         """Cancel a job; one that has ended is removed with its files."""
