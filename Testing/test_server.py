@@ -102,9 +102,10 @@ def test_refuses_what_is_not_allowed_and_keeps_serving(server, client, small_cas
     run(client, model_id(model3d, results_dir), case, classes=['lesion'], tta=False)
 
 
-def test_second_request_on_a_cached_case_loads_and_preprocesses_nothing(server, client, small_case, model3d,
-                                                                        tmp_path):
+def test_second_request_on_a_cached_case_loads_and_preprocesses_nothing(server, client, model3d, tmp_path):
     model = model_id(model3d, server[3])
+    # bytes no earlier test uploaded (the server keeps cases by content)
+    small_case = write_sample_case(tmp_path / 'in', seed=8, shape=(16, 32, 32), spacing=(1.0, 1.0, 1.8), name='small')
     case = client.upload([str(small_case)])
     before = client.health()['counters']
     first = run(client, model, case, classes=['lesion'], folds=[0], tta=False)
@@ -219,8 +220,9 @@ def test_job_events_stream_as_server_sent_events_while_the_job_runs(server, clie
     assert client.wait(job_id, seen.append)['status'] == 'done' and seen == events
 
 
-def test_cancel_stops_the_job_and_the_next_one_runs(server, client, large_case, small_case, model3d):
+def test_cancel_stops_the_job_and_the_next_one_runs(server, client, small_case, model3d, tmp_path):
     model = model_id(model3d, server[3])
+    large_case = write_sample_case(tmp_path, seed=12, shape=(40, 144, 144), spacing=SPACING, objects=12, name='large')
     case = client.upload([str(large_case)])
     job_id = client.explain(model, case, classes=['lesion'], folds=[0], tta=False)  # 75 tiles, 0.2 s each
     while not any(e['event'] == 'tiles' for e in client._call('GET', f'/jobs/{job_id}/events').json()):
