@@ -185,13 +185,14 @@ def test_a_region_runs_its_tiles_alone_and_equals_a_full_run_with_that_mask(serv
                           sitk.GetArrayFromImage(sitk.ReadImage(str(seg_full))))
 
 
-def test_job_events_stream_as_server_sent_events_while_the_job_runs(server, client, small_case, model3d):
+def test_job_events_stream_as_server_sent_events_while_the_job_runs(server, client, model3d, tmp_path):
     """A job's events arrive as server-sent events while it runs (the first before it ends), each with its index
     as id, the same as the polled list; `since` takes a stream up where it stopped; the token and the job id are
     checked before a stream opens."""
     url, token, _, results_dir = server
     auth = {'Authorization': f'Bearer {token}'}
-    job_id = client.explain(model_id(model3d, results_dir), client.upload([str(small_case)]), classes=['lesion'],
+    fresh = write_sample_case(tmp_path, seed=9, shape=(16, 32, 32), spacing=(1.0, 1.0, 1.8), name='small')
+    job_id = client.explain(model_id(model3d, results_dir), client.upload([str(fresh)]), classes=['lesion'],
                             tta=False, folds=[0])
     events, ids, status_at_first = [], [], None
     with requests.get(f'{url}/v1/jobs/{job_id}/stream', headers=auth, stream=True, timeout=60) as r:
