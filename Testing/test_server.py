@@ -538,8 +538,9 @@ def test_cli_runs_reuse_the_servers_case_and_upload_nothing_again(server, model3
         assert np.allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 's2' / name))),
                            sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'local' / name))), atol=1e-5), name
     case_id = client.find_case([str(case)])
-    assert case_id is not None
+    assert case_id is not None and client.has_case(case_id)
     client.delete_case(case_id)  # as the server's LRU or TTL would
+    assert not client.has_case(case_id)
     assert run_cli([*common, '-o', tmp_path / 's3', '--target-class', 'lesion', '--server-forget']) == 0
     assert client.health()['counters']['uploads'] == uploads + 2 and client.find_case([str(case)]) is None
 

@@ -77,6 +77,10 @@ class ServerClient:
                            params={'ending': ending, 'sha256': [sha256_of(f) for f in files]})
         return found and found.json()['id']
 
+    def has_case(self, case_id: str) -> bool:
+        """Whether the server still holds the case (it drops unused ones: --uploads-mb, --case-ttl-s)."""
+        return self._call('GET', f'/cases/{case_id}', missing_ok=True) is not None
+
     def case_for(self, files: Sequence[str]) -> Tuple[str, bool]:
         """(case id, reused): the server's case with these bytes, uploaded only if it has none."""
         case = self.find_case(files)
