@@ -35,13 +35,14 @@ def kind_model(kind: str) -> Path:
     return build_kind(kind)
 
 
-def start_server(results_dir: Path, folder: Path, *extra):
+def start_server(results_dir: Path, folder: Path, *extra, **popen):
     """A real `nnunetv2_cam serve` on 127.0.0.1 over `results_dir`, its token in folder/token and its work folder
-    in folder/tmp. Returns the process and its 'listening' event (url, token)."""
+    in folder/tmp (`popen`: more for subprocess.Popen). Returns the process and its 'listening' event (url, token)."""
     (folder / 'tmp').mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([sys.executable, '-m', 'nnunetv2_cam_core', 'serve', '--models', str(results_dir),
                              '--port', '0', '--token-file', str(folder / 'token'), '-device', 'cpu', *extra],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, 'TMPDIR': str(folder / 'tmp')})
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, 'TMPDIR': str(folder / 'tmp')},
+                            **popen)
     return proc, json.loads(proc.stdout.readline())
 
 

@@ -1,11 +1,14 @@
 """The explanation server, run as a real process on 127.0.0.1 and used over real HTTP."""
 import json
 import os
+import re
+import socket
 import stat
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +24,7 @@ from nnunetv2_cam_core.demo import SPACING, write_sample_case
 @pytest.fixture(scope='module')
 def server(results_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp('server')
-    proc, first = start_server(results_dir, tmp, '--max-upload-mb', '8', '--queue', '2')
+    proc, first = start_server(results_dir, tmp, '--max-upload-mb', '8', '--queue', '2', '--max-tiles', '200')
     try:
         assert first['event'] == 'listening' and first['url'].startswith('http://127.0.0.1:')
         yield first['url'], first['token'], tmp / 'token', results_dir
@@ -99,9 +102,10 @@ def test_refuses_what_is_not_allowed_and_keeps_serving(server, client, small_cas
     run(client, model_id(model3d, results_dir), case, classes=['lesion'], tta=False)
 
 
-def test_second_request_on_a_cached_case_loads_and_preprocesses_nothing(server, client, small_case, model3d,
-                                                                        tmp_path):
+def test_second_request_on_a_cached_case_loads_and_preprocesses_nothing(server, client, model3d, tmp_path):
     model = model_id(model3d, server[3])
+    # bytes no earlier test uploaded (the server keeps cases by content)
+    small_case = write_sample_case(tmp_path / 'in', seed=8, shape=(16, 32, 32), spacing=(1.0, 1.0, 1.8), name='small')
     case = client.upload([str(small_case)])
     before = client.health()['counters']
     first = run(client, model, case, classes=['lesion'], folds=[0], tta=False)
@@ -181,13 +185,14 @@ def test_a_region_runs_its_tiles_alone_and_equals_a_full_run_with_that_mask(serv
                           sitk.GetArrayFromImage(sitk.ReadImage(str(seg_full))))
 
 
-def test_job_events_stream_as_server_sent_events_while_the_job_runs(server, client, small_case, model3d):
+def test_job_events_stream_as_server_sent_events_while_the_job_runs(server, client, model3d, tmp_path):
     """A job's events arrive as server-sent events while it runs (the first before it ends), each with its index
     as id, the same as the polled list; `since` takes a stream up where it stopped; the token and the job id are
     checked before a stream opens."""
     url, token, _, results_dir = server
     auth = {'Authorization': f'Bearer {token}'}
-    job_id = client.explain(model_id(model3d, results_dir), client.upload([str(small_case)]), classes=['lesion'],
+    fresh = write_sample_case(tmp_path, seed=9, shape=(16, 32, 32), spacing=(1.0, 1.0, 1.8), name='small')
+    job_id = client.explain(model_id(model3d, results_dir), client.upload([str(fresh)]), classes=['lesion'],
                             tta=False, folds=[0])
     events, ids, status_at_first = [], [], None
     with requests.get(f'{url}/v1/jobs/{job_id}/stream', headers=auth, stream=True, timeout=60) as r:
@@ -216,8 +221,9 @@ def test_job_events_stream_as_server_sent_events_while_the_job_runs(server, clie
     assert client.wait(job_id, seen.append)['status'] == 'done' and seen == events
 
 
-def test_cancel_stops_the_job_and_the_next_one_runs(server, client, large_case, small_case, model3d):
+def test_cancel_stops_the_job_and_the_next_one_runs(server, client, small_case, model3d, tmp_path):
     model = model_id(model3d, server[3])
+    large_case = write_sample_case(tmp_path, seed=12, shape=(40, 144, 144), spacing=SPACING, objects=12, name='large')
     case = client.upload([str(large_case)])
     job_id = client.explain(model, case, classes=['lesion'], folds=[0], tta=False)  # 75 tiles, 0.2 s each
     while not any(e['event'] == 'tiles' for e in client._call('GET', f'/jobs/{job_id}/events').json()):
@@ -229,35 +235,35 @@ def test_cancel_stops_the_job_and_the_next_one_runs(server, client, large_case, 
     run(client, model, client.upload([str(small_case)]), classes=['lesion'], tta=False)
 
 
-def test_concurrent_requests_complete_or_get_503_and_none_is_mixed_up(server, client, small_case, model3d):
-    """20 requests at once against a queue of 2: each is accepted and completes with its own result, or is told
-    to retry later (503 with Retry-After); none is lost."""
+def test_concurrent_requests_are_retried_while_the_queue_is_full_and_none_is_mixed_up(server, small_case, model3d,
+                                                                                     tmp_path):
+    """20 clients at once against a queue of 2: a client told the server is busy (503, Retry-After) asks again on
+    time, on its kept-alive connection; every request completes with its own class, and the maps of one class are
+    bit-identical."""
     url, token, _, results_dir = server
     model = model_id(model3d, results_dir)
+    client = ServerClient(url, token)
     case = client.upload([str(small_case)])
-    answers = [None] * 20
+    jobs = [None] * 20
 
     def ask(i):
-        r = requests.post(f'{url}/v1/explain', headers={'Authorization': f'Bearer {token}'}, timeout=30,
-                          json={'model': model, 'case': case, 'classes': [['lesion', 'organ'][i % 2]], 'tta': False,
-                                'folds': [0]})
-        answers[i] = r
+        patient = ServerClient(url, token, busy_retries=40)
+        jobs[i] = patient.wait(patient.explain(model, case, classes=[['lesion', 'organ'][i % 2]], tta=False,
+                                               folds=[0]))
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(20)]
     for th in threads:
         th.start()
     for th in threads:
-        th.join(60)
-    assert all(a is not None for a in answers)
-    assert {a.status_code for a in answers} <= {200, 503}
-    busy = [a for a in answers if a.status_code == 503]
-    assert busy and all(a.headers.get('Retry-After') for a in busy)
-    accepted = [(i, a.json()['id']) for i, a in enumerate(answers) if a.status_code == 200]
-    assert accepted
-    for i, job_id in accepted:
-        job = client.wait(job_id)
-        assert job['status'] == 'done'
-        assert list(sidecar(client, job)['classes']) == [['lesion', 'organ'][i % 2]]
+        th.join(600)
+    assert all(job is not None and job['status'] == 'done' for job in jobs)
+    maps = {}
+    for i, job in enumerate(jobs):
+        name = ['lesion', 'organ'][i % 2]
+        assert list(sidecar(client, job)['classes']) == [name]
+        f = client.download(job['id'], tmp_path / job['id'], [f'small_cam_{name}_gradcam.nii.gz'])
+        maps.setdefault(name, []).append(sitk.GetArrayFromImage(sitk.ReadImage(str(next(iter(f.values()))))))
+    assert all(np.array_equal(m, ms[0]) for ms in maps.values() for m in ms)
     h = client.health()
     assert h['cache_bytes'] <= h['cache_limit_bytes'] and h['queued'] == 0
 
@@ -397,3 +403,161 @@ def test_a_box_or_ball_is_drawn_as_on_the_whole_grid(region, corners):
     assert drawn.dtype == np.uint8 and drawn.shape == tuple(size[::-1])
     assert np.array_equal(drawn, every.transpose().astype(np.uint8))
     assert drawn.any() == (corners[0][0] < 40)
+
+
+def test_a_case_needing_more_tiles_than_max_tiles_is_refused_before_it_runs(server, client, large_case, model3d):
+    """--max-tiles 200 here: the large case at step 0.1 (several thousand tiles) gets 422 and one line; at 0.5 it runs."""
+    url, token, _, results_dir = server
+    case = client.upload([str(large_case)])
+    r = requests.post(f'{url}/v1/explain', json={'model': model_id(model3d, results_dir), 'case': case,
+                                                 'step_size': 0.1, 'folds': [0], 'tta': False},
+                      headers={'Authorization': f'Bearer {token}'}, timeout=30)
+    assert r.status_code == 422 and '--max-tiles 200' in r.json()['detail'] and '\n' not in r.json()['detail']
+
+
+def test_duplicate_folds_load_one_network_counted_in_the_cache(server, client, small_case, model3d):
+    job = run(client, model_id(model3d, server[3]), client.upload([str(small_case)]), classes=['lesion'],
+              folds=[0] * 32, tta=False)
+    assert sidecar(client, job)['folds'] == [0]
+    h = client.health()
+    assert all(len(set(m['folds'])) == len(m['folds']) for m in h['models_loaded'])
+    assert h['cache_bytes'] > 0 and h['cache_bytes'] <= h['cache_limit_bytes']
+
+
+@pytest.mark.parametrize('ending', ['.nii.gz', '.nii', '.mha', '.nrrd'])
+def test_nan_voxels_fail_the_job_in_every_format_with_no_server_path(server, client, small_case, model3d, tmp_path,
+                                                                     ending):
+    img = sitk.ReadImage(str(small_case), sitk.sitkFloat32)
+    a = sitk.GetArrayFromImage(img)
+    a[3, 4, 5] = np.nan
+    nan = sitk.GetImageFromArray(a)
+    nan.CopyInformation(img)
+    path = tmp_path / f'nan_0000{ending}'
+    sitk.WriteImage(nan, str(path))
+    job = client.wait(client.explain(model_id(model3d, server[3]), client.upload([str(path)]), classes=['lesion'],
+                                     folds=[0], tta=False))
+    assert job['status'] == 'failed' and '1 NaN/inf voxels' in job['error']
+    assert f'nan_0000{ending}' in job['error'] and 'nnunetcam-server' not in job['error']
+    assert not re.search(r'(^|[\s(])/', job['error']), job['error']  # no absolute path
+
+
+def test_no_absolute_server_path_reaches_a_client(server, client, small_case, model3d, tmp_path):
+    """Model ids, upload and output names only: in the model list, the job's events, its files and its sidecar."""
+    url, token, _, results_dir = server
+    model = model_id(model3d, results_dir)
+    job = run(client, model, client.upload([str(small_case)]), classes=['lesion'], folds=[0], tta=False)
+    seen = json.dumps([client.models(), client.health()['models_loaded'],
+                       client._call('GET', f'/jobs/{job["id"]}/events').json(), job, sidecar(client, job)])
+    for secret in (str(results_dir), str(tmp_path.parent), '/tmp', os.path.expanduser('~')):
+        assert secret not in seen, secret
+    s = sidecar(client, job)
+    assert s['model'] == model and s['inputs'] == ['small_0000.nii.gz']
+
+
+@pytest.fixture(scope='module')
+def tight(results_dir, tmp_path_factory):
+    """A fresh server (no model loaded) allowing two event streams of 2 s each."""
+    tmp = tmp_path_factory.mktemp('tight')
+    proc, first = start_server(results_dir, tmp, '--max-streams', '2', '--stream-s', '2')
+    try:
+        yield first['url'], first['token']
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_cancel_reaches_a_job_before_it_preprocesses(tight, large_case, model3d, results_dir):
+    """Cancelled while its model loads, the job stops between stages: no preprocessing, no tile."""
+    client = ServerClient(*tight)
+    job_id = client.explain(model_id(model3d, results_dir), client.upload([str(large_case)]), classes=['lesion'],
+                            folds=[0], tta=False)
+    deadline = time.monotonic() + 120
+    while not client._call('GET', f'/jobs/{job_id}/events').json():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    client.cancel(job_id)
+    job = client.wait(job_id)
+    events = client._call('GET', f'/jobs/{job_id}/events').json()
+    assert job['status'] == 'cancelled' and events[0] == {'event': 'stage', 'case': None, 'stage': 'load'}
+    assert client.health()['counters']['preprocessings'] == 0 and not any(e['event'] == 'tiles' for e in events)
+
+
+def test_event_streams_are_capped_and_a_stalled_one_is_dropped(tight, large_case, model3d, results_dir):
+    """--max-streams 2: two streams that are never read hold both places, a third gets 503 while the server answers
+    everything else; after --stream-s 2 the stalled ones are ended and a stream opens again."""
+    url, token = tight
+    client = ServerClient(url, token)
+    job_id = client.explain(model_id(model3d, results_dir), client.upload([str(large_case)]), classes=['lesion'],
+                            folds=[0], tta=False)
+    port = int(url.rsplit(':', 1)[1])
+    stalled = [socket.create_connection(('127.0.0.1', port)) for _ in range(2)]
+    for s in stalled:  # ask, and never read
+        s.sendall(f'GET /v1/jobs/{job_id}/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n'
+                  .encode())
+    auth = {'Authorization': f'Bearer {token}'}
+    deadline = time.monotonic() + 30
+    while client.health()['streams'] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    third = requests.get(f'{url}/v1/jobs/{job_id}/stream', headers=auth, timeout=30)
+    assert third.status_code == 503 and 'max-streams' in third.json()['detail'] and third.headers['Retry-After']
+    assert client.health()['streams'] == 2
+    time.sleep(3)
+    assert client.health()['streams'] == 0
+    with requests.get(f'{url}/v1/jobs/{job_id}/stream', headers=auth, stream=True, timeout=30) as r:
+        assert r.status_code == 200
+    for s in stalled:
+        s.close()
+    client.cancel(job_id)
+
+
+def test_cli_runs_reuse_the_servers_case_and_upload_nothing_again(server, model3d, tmp_path, capsys):
+    """Two CLI runs on the same file, another class second: the second uploads nothing, reuses the preprocessed
+    case and the kept layer outputs (no forward), and writes what a local run writes; the case stays on the server
+    (--server-forget removes it); a case the server no longer holds is uploaded again."""
+    url, token, token_file, results_dir = server
+    client = ServerClient(url, token)
+    case = write_sample_case(tmp_path / 'in', seed=21, shape=(16, 32, 32), spacing=(1.0, 1.0, 1.8), name='fresh')
+    common = ['-i', case, '-f', '0', '--disable_tta', '-m', model_id(model3d, results_dir), '--server', url,
+              '--token-file', token_file, '--progress', 'json']
+    uploads = client.health()['counters']['uploads']
+    assert run_cli([*common, '-o', tmp_path / 's1', '--target-class', 'lesion']) == 0
+    assert client.health()['counters']['uploads'] == uploads + 1
+    capsys.readouterr()
+    assert run_cli([*common, '-o', tmp_path / 's2', '--target-class', 'organ']) == 0
+    assert client.health()['counters']['uploads'] == uploads + 1  # nothing uploaded
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert any(e.get('message') == '1 of 1 case(s) were already on the server' for e in events)
+    s2 = json.loads((tmp_path / 's2' / 'fresh_cam.json').read_text())
+    assert 'preprocessed case' in s2['server']['reused']
+    assert s2['forwards_from_layer_cache'] == s2['tiles'] > 0
+    assert run_cli(['-i', case, '-o', tmp_path / 'local', '-m', model3d, '-f', '0', '--disable_tta',
+                    '--target-class', 'organ', '-device', 'cpu']) == 0
+    assert sorted(p.name for p in (tmp_path / 's2').iterdir()) == sorted(p.name for p in (tmp_path / 'local').iterdir())
+    for name in ('fresh.nii.gz', 'fresh_cam_organ_gradcam.nii.gz'):
+        assert np.allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 's2' / name))),
+                           sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'local' / name))), atol=1e-5), name
+    case_id = client.find_case([str(case)])
+    assert case_id is not None and client.has_case(case_id)
+    client.delete_case(case_id)  # as the server's LRU or TTL would
+    assert not client.has_case(case_id)
+    assert run_cli([*common, '-o', tmp_path / 's3', '--target-class', 'lesion', '--server-forget']) == 0
+    assert client.health()['counters']['uploads'] == uploads + 2 and client.find_case([str(case)]) is None
+
+
+def test_the_slicer_local_server_makes_its_token_in_a_private_folder_and_adopts_none(model3d, tmp_path):
+    """A token file planted where the local server's used to be is not adopted; nothing of the token stays."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'NNUNetCAM'))
+    from NNUNetCAMLib.environment import PythonEnvironment
+    from NNUNetCAMLib.server import LocalServer
+    planted = tmp_path / f'nnunetcam-token-{os.getpid()}'
+    planted.write_text('p' * 64)
+    planted.chmod(0o600)
+    local = LocalServer(PythonEnvironment(sys.executable), str(tmp_path))
+    try:
+        connection = local.connect(str(model3d), 'cpu')
+        assert connection.client.session.headers['Authorization'] != 'Bearer ' + 'p' * 64
+        connection.client.health()
+        assert [p.name for p in tmp_path.iterdir()] == [planted.name]
+    finally:
+        local.shutdown()

@@ -7,7 +7,9 @@ preprocessing included), another class and another method on the cached case (wi
 outputs stood in for, and the cache's size after the first: case, logits and layer outputs), a box around each lesion (the tiles it
 overlaps and the time), and the
 server's peak RSS with the case cached against a CLI run's. Then ten cases explained one after the other on a server whose
---cache-mb holds about four: the cache's bytes after each, and the peak RSS. Writes benchmarks/results/server.json.
+--cache-mb holds about four: the cache's bytes after each, and the peak RSS. Then the CLI path: `nnunetv2_cam
+--server` processes on the case, first, another class, another method (wall time, imports included, and the ratio to
+the first). Writes benchmarks/results/server.json.
 """
 import json
 import resource
@@ -76,6 +78,29 @@ def ten_cases(results: Path, model_id: str, tmp: Path) -> dict:
             'peak_rss_mb_after_one_case': round(rss_after_one), 'peak_rss_mb_after_ten': round(rss)}
 
 
+def cli_path(results: Path, model_id: str, case: Path, tmp: Path) -> dict:
+    """`nnunetv2_cam --server` as separate processes on one case: the first run, then another class and another
+    method (the case found on the server by its bytes, not uploaded again), each timed whole (imports included)."""
+    server, client = start(results, tmp / 'cli-path')
+    runs = {}
+    try:
+        for label, extra in (('first', ['--target-class', 'lesion']), ('another_class', ['--target-class', 'organ']),
+                             ('another_method', ['--target-class', 'lesion', '--method', 'hirescam'])):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, '-m', 'nnunetv2_cam_core', '--server', client.url[:-3], '--token-file',
+                            str(tmp / 'cli-path' / 'token'), '-m', model_id, '-i', str(case), '-o',
+                            str(tmp / 'cli-path' / label), '-f', '0', '--disable_tta', '--progress', 'none', *extra],
+                           check=True)
+            runs[label] = round(time.perf_counter() - t, 2)
+        uploads = client.health()['counters']['uploads']
+    finally:
+        server.terminate()
+        server.wait(10)
+    return {**{f'{k}_s': v for k, v in runs.items()},
+            **{f'{k}_ratio': round(v / runs['first'], 2) for k, v in runs.items() if k != 'first'},
+            'uploads': uploads}
+
+
 def main() -> int:
     results = build_tiny_models(default_cache())
     model = model_folder(results)
@@ -111,6 +136,7 @@ def main() -> int:
             server.terminate()
             server.wait(10)
         many = ten_cases(results, model_id, tmp)
+        cli = cli_path(results, model_id, case, tmp)
     rows = {'tiles': first[1], 'cli_run_s': round(cli_s, 2),
             'first_explanation_s': first[0],
             'another_class_cached_s': other[0], 'another_class_tiles': other[1],
@@ -120,7 +146,7 @@ def main() -> int:
             'another_method_forwards_from_layer_cache': method[3], 'cache_mb_after_first': round(cache_mb, 1),
             'boxes': [{'tiles': b[1], 's': b[0], 'ratio': round(b[0] / first[0], 2)} for b in sorted(boxes, key=lambda b: b[1])],
             'cli_peak_rss_mb': round(cli_rss), 'server_peak_rss_mb': round(rss),
-            'rss_ratio': round(rss / cli_rss, 2), 'ten_cases': many}
+            'rss_ratio': round(rss / cli_rss, 2), 'ten_cases': many, 'cli_path': cli}
     out = Path(__file__).parent / 'results'
     (out / 'server.json').write_text(json.dumps(rows, indent=2))
     print(json.dumps(rows, indent=2))

@@ -28,6 +28,7 @@ from .model import fold_networks, require_previous_stage
 from .progress import Progress
 from .sliding_window import CamSpec, combine_layers, sliding_window_cam
 from .targets import resolve_targets
+from .tile_plan import MANY_TILES, tile_count
 
 
 def _as_list(x) -> list:
@@ -71,8 +72,9 @@ class CamEngine:
         self.channel_attribution = channel_attribution
 
     def preprocess(self, files: Sequence[str], target_mask: Optional[str] = None,
-                   prev_stage: Optional[str] = None):
-        """Read and check the case, then nnU-Net's own preprocessing. Returns (data, properties, mask, image)."""
+                   prev_stage: Optional[str] = None, check: Callable[[], None] = lambda: None):
+        """Read and check the case, then nnU-Net's own preprocessing (`check` between the two may stop it).
+        Returns (data, properties, mask, image)."""
         p = self.predictor
         cm, pm = p.configuration_manager, p.plans_manager
         require_previous_stage(cm.previous_stage_name, prev_stage)
@@ -90,6 +92,7 @@ class CamEngine:
         elif prev_stage is not None:
             # as nnU-Net's cascade: the previous stage goes through the preprocessor as the segmentation
             seg = read_label(rw, prev_stage, props, data.shape[1:], 'previous-stage segmentation')
+        check()
         pre = cm.preprocessor_class(verbose=False)
         data, seg, props = pre.run_case_npy(data, seg, props, pm, cm, p.dataset_json)
         mask = None
@@ -361,6 +364,10 @@ def _run_case(engine, case, files, out_dir, rw, ending, opts: CaseOptions, prev_
     reference = None if opts.reference_mask is None else \
         read_label(rw, opts.reference_mask, props, image.shape, 'reference mask')[0]
     t1 = time.perf_counter()
+    tiles = tile_count(data.shape[1:], p.configuration_manager.patch_size, p.tile_step_size)
+    if tiles > MANY_TILES:
+        progress.emit('warning', message=f'{case}: {tiles} tiles at -step_size {p.tile_step_size:g}, which takes '
+                                         f'long; nnU-Net uses 0.5')
     progress.stage('tiles', case)
     res = engine.run(data, props, mask, on_tile=progress.tiles,
                      keep_preprocessed=opts.evaluation is not None or pc is not None,

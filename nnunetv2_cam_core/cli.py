@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group('explanation server (nnunetv2_cam serve)')
     s.add_argument('--server', help='run on this server (URL); -m is then one of its model ids')
     s.add_argument('--token-file', help='file holding the server\'s token (with --server)')
+    s.add_argument('--server-forget', action='store_true',
+                   help='delete the cases from the server after the run (default: they stay, under the server\'s '
+                        'bounds, so a later run on the same files uploads and preprocesses nothing)')
     o = p.add_argument_group('information')
     o.add_argument('--list-methods', action='store_true', help='list CAM methods and exit')
     o.add_argument('--list-layers', action='store_true', help='list the model\'s layers (with -m) and exit')
@@ -190,7 +193,7 @@ def run_on_server(args, progress: Progress) -> int:
                'step_size': args.step_size, 'classes': args.target_class, 'layers': args.target_layer,
                'method': args.method, 'pooling': args.pooling, 'region': {'kind': args.target_region}}
     run_cases_on_server(client, args.model, args.input, Path(args.output), request, progress, args.overwrite,
-                        args.target_mask)
+                        args.target_mask, args.server_forget)
     progress.stage('done')
     return 0
 

@@ -100,10 +100,23 @@ def read_case(rw, files: Sequence[str], n_channels: int, three_d: bool) -> Tuple
         raise UsageError(f'{", ".join(map(str, files))} hold{"s" if len(files) == 1 else ""} {data.shape[0]} '
                          f'channel(s) but the model takes {n_channels}; give one file per channel as CASE_0000, '
                          f'CASE_0001 ... (natural images: one RGB file holds three)')
-    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data))) or sum(map(_nifti_non_finite, files))
     if bad:
         raise UsageError(f'{", ".join(map(str, files))} has {bad} NaN/inf voxels; replace them (e.g. with 0) first')
     return data, props
+
+
+def _nifti_non_finite(path: str) -> int:
+    """NaN/inf voxels of a float NIfTI, counted from the file: SimpleITK (nnU-Net's SimpleITKIO) reads them as 0,
+    where .mha and .nrrd keep them, so they are refused in every format alike."""
+    if not str(path).lower().endswith(('.nii', '.nii.gz')):
+        return 0
+    import nibabel
+    img = nibabel.load(str(path))
+    if not np.issubdtype(img.get_data_dtype(), np.floating):
+        return 0
+    voxels = np.asanyarray(img.dataobj)
+    return int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
 
 
 def read_label(rw, path: str, image_props: dict, image_shape: Sequence[int], what: str) -> np.ndarray:

@@ -11,6 +11,8 @@ from typing import List, Optional, Sequence, Union
 from .errors import CamError, UsageError
 from .labels import has_regions, output_classes
 
+MIN_STEP = 0.1  # -step_size: nnU-Net uses 0.5; below 0.1 a case's tiles grow past any use (1e-4: 3e12 on a CT)
+
 
 def resolve_model_folder(model: Optional[str] = None, dataset: Optional[str] = None,
                          configuration: Optional[str] = None, trainer: str = 'nnUNetTrainer',
@@ -108,6 +110,7 @@ def resolve_folds(folder: Path, folds: Optional[Sequence[str]], checkpoint: str)
         else None
     if wanted is None:
         raise UsageError(f'folds must be integers or "all", got {" ".join(map(str, folds))}')
+    wanted = list(dict.fromkeys(wanted))  # a fold named twice is one fold
     for f in wanted:
         if f not in have:
             raise UsageError(f'fold {f} has no {checkpoint} in {folder}; available: '
@@ -134,8 +137,8 @@ def load_predictor(folder: Path, folds: Sequence, checkpoint: str, device: 'torc
                    use_mirroring: bool = True):
     """nnU-Net's own predictor, initialised from the model folder."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    if not 0 < step_size <= 1:
-        raise UsageError(f'-step_size must be in (0, 1], got {step_size}')
+    if not MIN_STEP <= step_size <= 1:
+        raise UsageError(f'-step_size must be in [{MIN_STEP}, 1] (nnU-Net uses 0.5), got {step_size}')
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's notices are not our output
             predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=use_mirroring,

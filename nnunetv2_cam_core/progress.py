@@ -21,7 +21,7 @@ class Progress:
         if self.mode == 'json':
             self.stream.write(json.dumps({'event': event, 'case': self.case, **fields}) + '\n')
             self.stream.flush()
-        elif self.mode == 'bar' and event in ('warning', 'skip', 'result', 'failed'):
+        elif self.mode == 'bar' and event in ('warning', 'skip', 'result', 'failed', 'log'):
             print(fields.get('message') or fields, file=sys.stderr)
 
     def stage(self, name: str, case: Optional[str] = None, **fields) -> None:

@@ -6,6 +6,8 @@ from typing import List, Sequence
 import torch
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
+MANY_TILES = 5000  # a case with more is warned about (CLI) or refused (server, --max-tiles)
+
 
 @dataclass
 class TilePlan:
@@ -35,3 +37,15 @@ class TilePlan:
         """The tiles whose box holds a voxel of `region` (bool, padded shape): every stitched value inside the
         region comes from these tiles alone."""
         return [k for k, sl in enumerate(self.slicers) if bool(region[sl[1:]].any())]
+
+
+def tile_count(shape: Sequence[int], patch: Sequence[int], step: float) -> int:
+    """nnU-Net's number of tiles over a case of spatial `shape` (a 2D patch tiles each slice), without listing them."""
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+    shape, n = list(shape), 1
+    if len(patch) < len(shape):
+        n, shape = shape[0], shape[1:]
+    padded = [max(int(s), int(p)) for s, p in zip(shape, patch)]
+    for steps in compute_steps_for_sliding_window(padded, [int(p) for p in patch], step):
+        n *= len(steps)
+    return n

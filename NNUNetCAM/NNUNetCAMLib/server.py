@@ -5,6 +5,7 @@ import json
 import os
 import queue
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -86,19 +87,21 @@ class LocalServer:
             return self.connection
         self.device = device
         self.shutdown()
-        token_file = Path(self.temp_root or os.environ.get('TMPDIR', '/tmp'), f'nnunetcam-token-{os.getpid()}')
+        token_dir = Path(tempfile.mkdtemp(prefix='nnunetcam-token-', dir=self.temp_root))  # private: nothing adopted
+        token_file = token_dir / 'token'
         process = CoreProcess(self.environment.command('serve', '--models', folder, '--port', '0', '--token-file',
                                                        token_file, '-device', self.device, '--parent-pid',
                                                        os.getpid()), self.environment.env())
         listening, seen = _wait_for(process, lambda e: e.get('event') == 'listening', self.start_timeout, event_pump)
         if listening is None:
             process.cancel()
+            shutil.rmtree(token_dir, ignore_errors=True)
             logs = [e['message'] for e in seen + process.poll() if e.get('event') == 'log'][-1:]
             raise ServerStartError(f'the local explanation server did not start: {logs[0] if logs else "no output"}')
         self.process, self.started, self.work = process, started, listening.get('work')
         self.connection = ServerConnection(listening['url'],
                                            listening.get('token') or token_file.read_text().strip())
-        token_file.unlink(missing_ok=True)  # the connection holds it; nothing stays on disk
+        shutil.rmtree(token_dir, ignore_errors=True)  # the connection holds it; nothing stays on disk
         return self.connection
 
     def shutdown(self) -> None:
