@@ -71,3 +71,17 @@ def test_compiled_model_loads_into_plain_networks(model3d, small_case, monkeypat
     assert p.returncode == 0, p.stderr[-2000:]
     names = [r['name'] for r in json.loads(p.stdout)]
     assert 'decoder.stages.0' in names and not any(n.startswith('_orig_mod') for n in names)
+
+
+def test_a_run_on_a_server_imports_no_torch(tmp_path):
+    """`--server` runs are mostly start-up once the server holds the case: that path loads neither torch nor
+    nnU-Net (a server that does not answer ends it after the path has been taken)."""
+    token = tmp_path / 'token'
+    token.write_text('x' * 40)
+    code = ('import sys; from nnunetv2_cam_core.cli import main; '
+            f'rc = main(["--server", "http://127.0.0.1:9", "--token-file", {str(token)!r}, "-m", "M", '
+            f'"-i", {str(tmp_path)!r}, "-o", {str(tmp_path / "out")!r}]); '
+            'print(rc, "torch" in sys.modules, "nnunetv2" in sys.modules)')
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert 'does not answer' in p.stderr
+    assert p.stdout.split() == ['1', 'False', 'False'], p.stdout + p.stderr

@@ -214,7 +214,8 @@ def test_tiff_maps_and_unwritable_formats(tmp_path):
     import tifffile
     from nnunetv2.imageio.tif_reader_writer import Tiff3DIO
     from nnunetv2_cam_core.errors import UsageError
-    from nnunetv2_cam_core.export import CaseOutputs, cam_format, write_map
+    from nnunetv2_cam_core.export import cam_format, write_map
+    from nnunetv2_cam_core.outputs import CaseOutputs
     props = {'spacing': [2.0, 0.5, 0.5]}
     assert cam_format(Tiff3DIO(), props) == 'tiff'
     arr = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)  # a map in the original geometry

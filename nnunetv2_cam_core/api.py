@@ -17,7 +17,8 @@ import torch
 from .errors import CamError, UsageError, one_line
 from .evaluation import CaseEvaluation, EvaluationSettings, fold_spread, mask_statistics, plot_curves, \
     require_folds
-from .export import CaseOutputs, cam_format, maps_to_original, segmentation_to_original, write_map, \
+from .outputs import CaseOutputs, check_writable
+from .export import cam_format, maps_to_original, segmentation_to_original, write_map, \
     write_overview, write_slices
 from .failures import Failures
 from .inputs import find_cases, list_folder, read_case, read_label, select_part
@@ -203,16 +204,6 @@ def _versions() -> dict:
 
 def _safe(name: str) -> str:
     return re.sub(r'[^A-Za-z0-9._-]+', '_', name)
-
-
-def check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix='.nnunetcam-write-test-', dir=folder)  # unique across parts and nodes
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UsageError(f'output folder {folder} is not writable ({e.strerror}); choose another -o') from None
 
 
 @dataclass

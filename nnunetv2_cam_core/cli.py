@@ -199,7 +199,6 @@ def run_on_server(args, progress: Progress) -> int:
 
 
 def run(args, progress: Progress) -> int:
-    from .api import CamEngine, run_cases
     if not args.input or not args.output:
         raise UsageError('-i INPUT and -o OUTPUT are required (or use --list-methods / --list-layers)')
     from .inputs import select_part
@@ -207,7 +206,8 @@ def run(args, progress: Progress) -> int:
     if args.server:
         if args.num_parts != 1:
             raise UsageError('-num_parts splits local runs; with --server, send each part\'s cases as their own run')
-        return run_on_server(args, progress)
+        return run_on_server(args, progress)  # imports no torch
+    from .api import CamEngine, run_cases
     evaluation = None
     if args.evaluate:
         from .evaluation import EvaluationSettings

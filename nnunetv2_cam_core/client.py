@@ -132,9 +132,8 @@ def run_on_server(client: ServerClient, model: str, inputs: Sequence[str], outpu
     """A CLI run through the server: each case explained, its files written to `output` as a local run writes them
     (all or none). A case is uploaded only if the server holds none with its bytes, and stays there (under the
     server's bounds) for the next run, unless `forget`. Returns the cases written."""
-    from .api import check_writable
-    from .export import CaseOutputs
     from .inputs import find_cases
+    from .outputs import CaseOutputs, check_writable
     entry = next((m for m in client.models() if m['id'] == model), None)
     if entry is None:
         raise UsageError(f'the server has no model {model!r}; give -m as one of its ids: '

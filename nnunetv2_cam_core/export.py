@@ -2,12 +2,9 @@
 import json
 import mmap
 import os
-import shutil
 import struct
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Dict
 
 import numpy as np
@@ -16,6 +13,7 @@ from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_imag
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
 from .errors import UsageError
+from .outputs import CaseOutputs
 
 
 def segmentation_to_original(logits: torch.Tensor, properties: dict, predictor) -> np.ndarray:
@@ -145,38 +143,6 @@ def _write_float_image(arr: np.ndarray, path: str, properties: dict, compress: b
         else:
             img = nibabel.Nifti1Image(arr.transpose((2, 1, 0)), affine=nb['original_affine'])
         nibabel.save(img, path)
-
-
-class CaseOutputs:
-    """Collects a case's files in a hidden temp folder inside the output folder; `commit` moves them all into place,
-    and leaving the block by an exception removes them, so a failed or cancelled run leaves nothing partial."""
-
-    def __init__(self, output_folder: Path):
-        self.output_folder = output_folder
-        self.tmp = Path(tempfile.mkdtemp(prefix='.nnunetcam-', dir=output_folder))
-        self.files: Dict[str, Path] = {}
-
-    def path(self, name: str) -> str:
-        self.files[name] = self.tmp / name
-        return str(self.files[name])
-
-    def commit(self) -> Dict[str, str]:
-        out = {}
-        # the sidecar goes last: its presence marks a finished case (resume)
-        for name in sorted(self.files, key=lambda n: n.endswith('_cam.json')):
-            dest = self.output_folder / name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            os.replace(self.files[name], dest)
-            out[name] = str(dest)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        return out
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def window(image: np.ndarray) -> np.ndarray:
