@@ -161,19 +161,35 @@ def test_a_step_size_outside_its_bounds_and_bad_names_get_422_not_500(bare, tmp_
     assert health(bare)['cases'] >= 1  # and it goes on
 
 
+def read_response(s: socket.socket) -> tuple:
+    """One whole HTTP/1.1 response from a kept-alive socket: (head, body), the body by its Content-Length."""
+    def more() -> bytes:
+        chunk = s.recv(4096)
+        assert chunk, 'the server closed the connection'
+        return chunk
+    data = b''
+    while b'\r\n\r\n' not in data:
+        data += more()
+    head, body = data.split(b'\r\n\r\n', 1)
+    length = int(next(line.split(b':')[1] for line in head.split(b'\r\n') if line.lower().startswith(b'content-length')))
+    while len(body) < length:
+        body += more()
+    return head.decode(), body
+
+
 def test_a_retry_after_retry_after_finds_its_kept_alive_connection_open(bare):
     """A 503 (here: no event stream may open) says when to retry; the connection it came on is still open then."""
     port = int(bare['url'].rsplit(':', 1)[1])
     token = bare['auth']['Authorization']
     with socket.create_connection(('127.0.0.1', port), timeout=30) as s:
         s.sendall(f'GET /v1/jobs/{"0" * 16}/stream HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n\r\n'.encode())
-        answer = s.recv(4096).decode()
-        assert answer.startswith('HTTP/1.1 503')
-        retry_after = int(next(line.split(':')[1] for line in answer.split('\r\n')
+        head, _ = read_response(s)
+        assert head.startswith('HTTP/1.1 503')
+        retry_after = int(next(line.split(':')[1] for line in head.split('\r\n')
                                if line.lower().startswith('retry-after')))
         time.sleep(retry_after + 0.5)
         s.sendall(f'GET /v1/health HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n\r\n'.encode())
-        assert s.recv(64).startswith(b'HTTP/1.1 200')
+        assert read_response(s)[0].startswith('HTTP/1.1 200')
 
 
 def test_uploads_are_bounded_in_space_and_lifetime(bare, tmp_path):
