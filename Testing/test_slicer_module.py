@@ -406,13 +406,24 @@ def load_module():
 
 
 def open_panel(module):
-    """As Slicer shows a module panel: the widget made in its parent, set up, then entered."""
+    """As Slicer shows a module panel: the widget made in its parent (a QVBoxLayout), set up, shown, then entered."""
     parent = slicer_standin.qMRMLWidget()
+    parent.setLayout(slicer_standin.QtWidgets.QVBoxLayout())
     parent.isEntered = True
     widget = module.NNUNetCAMWidget(parent)
     widget.setup()
+    parent.resize(500, 1400)
+    parent.show()
     widget.enter()
     return widget
+
+
+def items(combo):
+    return [combo.itemText(i) for i in range(combo.count)]
+
+
+def log_lines(ui):
+    return ui.logTextEdit.toPlainText().splitlines()
 
 
 def test_panel_binds_the_parameter_node_through_its_lifecycle(app, scene, model3d, monkeypatch):
@@ -447,7 +458,7 @@ def test_panel_binds_the_parameter_node_through_its_lifecycle(app, scene, model3
     calls = []
     monkeypatch.setattr(widget.logic, 'run', lambda *args, **kwargs: calls.append((args, kwargs))
                         or types.SimpleNamespace(running=False, log=['core']))
-    ui.applyButton.clicked.emit(False)
+    ui.applyButton.click()
     (args, kwargs), = calls
     assert args[0] is b and (kwargs['device'], kwargs['tta'], kwargs['method']) == ('cpu', False, 'gradcam')
     assert (kwargs['displayOptions'].threshold, kwargs['displayOptions'].opacity) == (0.35, 0.8)
@@ -696,14 +707,14 @@ def test_panel_runs_a_two_channel_model_through_its_channel_selectors(app, scene
     app.runPending()
     assert ui.inputVolumeLabel.text == 'T1 volume:' and ui.channel1Label.text == 'T2 (channel 1):'
     assert ui.channel1Selector.visible and not ui.channel2Selector.visible
-    assert [item[0] for item in ui.targetClassComboBox.items] == ['lesion', 'cyst']
+    assert items(ui.targetClassComboBox) == ['lesion', 'cyst']
     ui.inputVolumeSelector.setCurrentNode(t1)
     ui.channel1Selector.setCurrentNode(t2)
     ui.targetClassComboBox.currentText = 'lesion'
     ui.deviceComboBox.currentText = 'cpu'
     ui.ttaCheckBox.checked = False
     assert ui.applyButton.enabled
-    ui.applyButton.clicked.emit(False)
+    ui.applyButton.click()
     app.runPending(seconds=300)
     assert app.slotErrors == [] and not [d for d in app.dialogs if d[0] == 'error'], app.dialogs
     assert ui.statusLabel.text.startswith('Done'), ui.statusLabel.text
@@ -880,7 +891,7 @@ def test_panel_computes_on_this_computer_and_explains_here(monkeypatch, scene, i
     node.inputVolume, node.device, node.tta, node.targetClass = input_volume, 'cpu', False, 'lesion'
     for box in widget._foldBoxes[1:]:
         box.checked = False
-    ui.applyButton.clicked.emit(False)
+    ui.applyButton.click()
     app.runPending(seconds=300)
     assert ui.statusLabel.text.startswith('Done'), (ui.statusLabel.text, app.dialogs)
     full = widget._run.result.sidecar
@@ -892,7 +903,7 @@ def test_panel_computes_on_this_computer_and_explains_here(monkeypatch, scene, i
     point = scene.AddNewNodeByClass('vtkMRMLMarkupsFiducialNode', 'here')
     point.AddControlPoint(*(volumes.ijk_to_ras(input_volume) @ np.array([*peak[::-1], 1]))[:3])
     node.targetPoint, node.pointRadiusMm = point, 5.0
-    ui.applyButton.clicked.emit(False)
+    ui.applyButton.click()
     app.runPending(seconds=300)
     here = widget._run.result.sidecar
     assert ui.statusLabel.text.startswith('Done') and widget.logic.localServer.process.pid == pid
@@ -900,7 +911,7 @@ def test_panel_computes_on_this_computer_and_explains_here(monkeypatch, scene, i
     node.targetPoint = None
     ui.computeOnComboBox.currentText = 'a new process per run'
     assert node.computeOn == 'a new process per run'
-    ui.applyButton.clicked.emit(False)
+    ui.applyButton.click()
     app.runPending(seconds=300)
     assert ui.statusLabel.text.startswith('Done') and 'server' not in widget._run.result.sidecar
     widget.cleanup()
@@ -924,11 +935,11 @@ def test_a_server_that_cannot_start_says_why_and_the_panel_runs_a_process(monkey
     node.inputVolume, node.device, node.tta, node.targetClass = input_volume, 'cpu', False, 'lesion'
     monkeypatch.setattr(widget.logic.localServer, 'connect', lambda *a: (_ for _ in ()).throw(
         ServerStartError('the local explanation server did not start: No module named fastapi')))
-    ui.applyButton.clicked.emit(False)
+    ui.applyButton.click()
     app.runPending(seconds=300)
     assert ui.statusLabel.text.startswith('Done') and 'server' not in widget._run.result.sidecar
     assert any(line.endswith('No module named fastapi; running in a new process instead')
-               for line in ui.logTextEdit.lines)
+               for line in log_lines(ui))
     assert ui.serverStatusLabel.text == 'Server not started: the local explanation server did not start: No module ' \
                                         'named fastapi'
     widget.cleanup()
@@ -956,16 +967,16 @@ def test_panel_computes_on_a_remote_server_with_its_url_and_token_file(monkeypat
         wrong.write_text('0' * 64)
         ui.serverUrlLineEdit.text = listening['url']
         ui.serverTokenFilePathLineEdit.currentPath = str(wrong)
-        ui.connectServerButton.clicked.emit(False)
+        ui.connectServerButton.click()
         assert 'Not connected: server: 401' in ui.serverStatusLabel.text and ui.serverModelComboBox.count == 0
         ui.serverTokenFilePathLineEdit.currentPath = str(token_file)
-        ui.connectServerButton.clicked.emit(False)
+        ui.connectServerButton.click()
         assert ui.serverStatusLabel.text.startswith(f'Server: {listening["url"]}')
         model = str(model3d.relative_to(results_dir))
         node.targetLayer = 'decoder.stages.1'  # saved from a local model: not offered for a server's model
         ui.serverModelComboBox.currentText = model
         assert ui.serverModelComboBox.currentText == model
-        assert [ui.targetClassComboBox.items[i][0] for i in range(ui.targetClassComboBox.count)] == \
+        assert items(ui.targetClassComboBox) == \
             ['lesion', 'organ'] and [b.text for b in widget._foldBoxes] == ['0', '1']
         assert ui.targetLayerComboBox.currentText == 'last decoder stage' and node.targetLayer == 'last_decoder'
         node.inputVolume, node.device, node.tta, node.targetClass = input_volume, 'cpu', False, 'lesion'
@@ -975,7 +986,7 @@ def test_panel_computes_on_a_remote_server_with_its_url_and_token_file(monkeypat
         node.evaluate = True  # runs on this computer only
         assert not ui.applyButton.enabled and 'run on this computer' in ui.applyButton.toolTip
         node.evaluate = False
-        ui.applyButton.clicked.emit(False)
+        ui.applyButton.click()
         app.runPending(seconds=300)
         assert ui.statusLabel.text.startswith('Done'), (ui.statusLabel.text, app.dialogs)
         result = widget._run.result
