@@ -1006,3 +1006,53 @@ def test_panel_computes_on_a_remote_server_with_its_url_and_token_file(monkeypat
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# ExtensionsIndex's .pre-commit-config.yaml (its prettier hook) and .prettierrc.js, at Slicer/ExtensionsIndex main
+PRETTIER = ('prettier@3.5.3', 'prettier-plugin-multiline-arrays@4.0.3')
+PRETTIERRC = ('module.exports = {plugins: [require.resolve("prettier-plugin-multiline-arrays")], '
+              'multilineArraysWrapThreshold: 0};\n')
+
+
+def prettier_dir() -> Path:
+    """The pinned prettier and plugin, installed from npm once into a cache named after their versions."""
+    node, npm = shutil.which('node'), shutil.which('npm')
+    if not node or not npm:
+        pytest.skip('node and npm are needed to run the ExtensionsIndex formatter (apt-get install nodejs npm)')
+    cache = Path.home() / '.cache' / 'nnunetcam' / ('prettier-' + '-'.join(p.replace('@', '-') for p in PRETTIER))
+    if not (cache / 'node_modules' / 'prettier' / 'bin' / 'prettier.cjs').is_file():
+        partial = cache.with_name(f'{cache.name}.{os.getpid()}.partial')
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        p = subprocess.run([npm, 'install', '--no-save', '--no-audit', '--no-fund', '--prefix', str(partial),
+                            *PRETTIER], capture_output=True, text=True, timeout=600)
+        if p.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            if any(s in p.stderr for s in ('ENOTFOUND', 'EAI_AGAIN', 'ECONNREFUSED', 'ETIMEDOUT', 'network')):
+                pytest.skip(f'npm registry unreachable: {p.stderr.strip().splitlines()[-1]}')
+            raise AssertionError(p.stderr[-2000:])
+        try:
+            partial.rename(cache)
+        except OSError:  # another test process got there first
+            shutil.rmtree(partial, ignore_errors=True)
+    return cache
+
+
+def test_catalog_entry_is_formatted_as_the_extensions_index_pre_commit_wants(tmp_path):
+    """Their prettier with prettier-plugin-multiline-arrays (wrap threshold 0): every non-empty array one item a
+    line. Runs offline once the packages are cached."""
+    cache = prettier_dir()
+    (tmp_path / '.prettierrc.js').write_text(PRETTIERRC)
+    entry = tmp_path / 'NNUNetCAM.json'
+    shutil.copy(ROOT / 'ExtensionsIndex' / 'NNUNetCAM.json', entry)
+    env = {**os.environ, 'NODE_PATH': str(cache / 'node_modules'), 'npm_config_offline': 'true'}
+    p = subprocess.run([shutil.which('node'), str(cache / 'node_modules' / 'prettier' / 'bin' / 'prettier.cjs'),
+                        '--config', str(tmp_path / '.prettierrc.js'), '--check', str(entry)],
+                       cwd=cache, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    # the check itself: a one-line array is refused
+    entry.write_text(entry.read_text().replace('[\n    "PyTorch"\n  ]', '["PyTorch"]'))
+    p = subprocess.run([shutil.which('node'), str(cache / 'node_modules' / 'prettier' / 'bin' / 'prettier.cjs'),
+                        '--config', str(tmp_path / '.prettierrc.js'), '--check', str(entry)],
+                       cwd=cache, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 1 and 'NNUNetCAM.json' in p.stdout + p.stderr
