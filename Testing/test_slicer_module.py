@@ -1056,3 +1056,18 @@ def test_catalog_entry_is_formatted_as_the_extensions_index_pre_commit_wants(tmp
                         '--config', str(tmp_path / '.prettierrc.js'), '--check', str(entry)],
                        cwd=cache, capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 1 and 'NNUNetCAM.json' in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize('regions', [None, {'kidney': [1, 2], 'tumor': [2]}], ids=['labels', 'regions'])
+def test_a_loaded_segmentation_is_shown(scene, tmp_path, regions):
+    """Labels and regions alike get a segmentation display node, visible in the slice views."""
+    arr = np.zeros((6, 7, 8), np.uint8)
+    arr[1:4, 2:5, 3:6], arr[2, 3, 4] = 1, 2
+    image = sitk.GetImageFromArray(arr)
+    sitk.WriteImage(image, str(tmp_path / 'seg.nii.gz'))
+    reference = volume_from_array(scene, arr.astype(np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]), 'ref')  # LPS file
+    node = volumes.load_segmentation(scene, tmp_path / 'seg.nii.gz', 'seg', reference,
+                                     {'background': 0, 'kidney': 1, 'tumor': 2}, regions)
+    assert node.GetSegmentation().GetNumberOfSegments() == 2
+    shown = node.GetDisplayNode()
+    assert shown is not None and shown.IsA('vtkMRMLSegmentationDisplayNode') and shown.GetVisibility()
