@@ -586,7 +586,7 @@ class _Policy(LoaderCreatorPolicy):
                 cls = CUSTOM.get(name) or getattr(QtWidgets, name, None) or getattr(QtGui, name, None)
                 if cls is None or name in CUSTOM:
                     return cls
-                return getattr(qt, name) if issubclass(cls, QtWidgets.QWidget) else cls
+                return getattr(qt, name) if issubclass(cls, QtCore.QObject) else cls  # layouts too (their name)
         return [Wrapper]
 
     def createCustomWidgetLoader(self):

@@ -1,6 +1,7 @@
 """The Slicer module's logic (NNUNetCAMLib) against real MRML from the `slicer-core` wheel and the real core
 subprocess on the tiny model; the panel and self-test of NNUNetCAM.py in stand-ins for the Slicer app
 (slicer_standin.py); static checks of the module's files (.ui names, CMake lists, catalog entry)."""
+import contextlib
 import importlib.util
 import json
 import os
@@ -1071,3 +1072,240 @@ def test_a_loaded_segmentation_is_shown(scene, tmp_path, regions):
     assert node.GetSegmentation().GetNumberOfSegments() == 2
     shown = node.GetDisplayNode()
     assert shown is not None and shown.IsA('vtkMRMLSegmentationDisplayNode') and shown.GetVisibility()
+
+
+# --- the panel on the real-Qt harness: defects and risks of the second source check ---
+SERVER_REQUIREMENTS = MODULE / 'Resources' / 'server-requirements.txt'
+
+
+@pytest.mark.parametrize('python', ['3.9', '3.12'])  # Slicer 5.8 ships 3.9; 5.10 and main 3.12
+def test_requirements_resolve_for_slicers_pythons(python, tmp_path):
+    """Every line that applies to that Python (its marker) resolves on the package index; the core's lines apply
+    everywhere, the server's where fastapi installs (3.11 and later), so 5.8 runs a process per run."""
+    from packaging.requirements import Requirement
+    from NNUNetCAMLib.environment import requirement_lines
+    environment = {'python_version': python, 'python_full_version': f'{python}.0'}
+    core = [Requirement(line) for line in requirement_lines(MODULE / 'Resources' / 'requirements.txt')]
+    server = [Requirement(line) for line in requirement_lines(SERVER_REQUIREMENTS)]
+    assert {r.name for r in core} == {'torch', 'torchvision', 'nnunetv2', 'grad-cam'}
+    assert {r.name for r in server} == {'fastapi', 'uvicorn', 'python-multipart'}
+    assert all(r.marker is None for r in core)
+    applies = [r for r in core + server if r.marker is None or r.marker.evaluate(environment)]
+    assert ({r.name for r in applies} & {r.name for r in server}) == (set() if python == '3.9' else
+                                                                       {r.name for r in server})
+    for r in applies:
+        p = subprocess.run([sys.executable, '-m', 'pip', 'install', '--dry-run', '--no-deps', '--ignore-installed',
+                            '--python-version', python, '--target', str(tmp_path / 'target'), '--quiet',
+                            '--report', str(tmp_path / 'report.json'), str(r).split(';')[0]],
+                           capture_output=True, text=True, timeout=600)
+        if p.returncode and any(s in p.stderr for s in ('NewConnectionError', 'Temporary failure in name resolution',
+                                                        'Max retries exceeded')):
+            pytest.skip(f'the package index is unreachable: {p.stderr.strip().splitlines()[-1]}')
+        assert p.returncode == 0, (python, str(r), p.stderr[-1000:])
+        (found,) = json.loads((tmp_path / 'report.json').read_text())['install']
+        requires = found['metadata'].get('requires_python')
+        assert not requires or python + '.0' in __import__('packaging.specifiers').specifiers.SpecifierSet(requires)
+
+
+def panel_with_model(app, model, version_module=None):
+    widget = open_panel(version_module or load_module())
+    widget.ui.modelFolderPathLineEdit.currentPath = str(model)
+    app.runPending()
+    return widget
+
+
+def record_runs(monkeypatch, widget):
+    calls = []
+    monkeypatch.setattr(widget.logic, 'run', lambda *args, **kwargs: calls.append((args, kwargs))
+                        or types.SimpleNamespace(running=False, log=['core']))
+    return calls
+
+
+def test_on_a_python_where_the_server_does_not_install_each_run_is_a_process(monkeypatch, scene, tmp_path, model3d):
+    """Slicer 5.8's Python 3.9: the local server's packages do not install there; Apply asks nothing, installs
+    nothing, says why in one log line and runs a process."""
+    import platform
+    app = install_app(monkeypatch, scene, tmp_path, '5.8')
+    widget = panel_with_model(app, model3d)
+    node = widget._parameterNode
+    node.inputVolume = volume_from_array(scene, np.zeros((4, 5, 6), np.float32), np.eye(4), 'CT')
+    monkeypatch.setattr(platform, 'python_version', lambda: '3.9.21')
+    monkeypatch.setattr(platform, 'python_version_tuple', lambda: ('3', '9', '21'))
+    calls = record_runs(monkeypatch, widget)
+    assert node.computeOn == 'this computer' and widget.ui.applyButton.enabled
+    widget.ui.applyButton.click()
+    (_, kwargs), = calls
+    assert kwargs['server'] is None
+    why = [line for line in log_lines(widget.ui) if 'running in a new process instead' in line]
+    assert len(why) == 1 and 'do not install in Python 3.9' in why[0] and 'fastapi' in why[0], log_lines(widget.ui)
+    assert [kind for kind, _ in app.dialogs if kind in ('confirm', 'pip')] == [] and app.slotErrors == []
+
+
+def test_the_local_servers_packages_are_installed_when_it_is_first_used(monkeypatch, scene, tmp_path, model3d):
+    """Where they install but are missing: asked once the server is wanted; Cancel runs a process, OK installs
+    them with pip (not with the core's requirements)."""
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    module = load_module()
+    widget = panel_with_model(app, model3d, module)
+    widget._parameterNode.inputVolume = volume_from_array(scene, np.zeros((4, 5, 6), np.float32), np.eye(4), 'CT')
+    real = module.missing_requirements
+    monkeypatch.setattr(module, 'missing_requirements', lambda file: real(file) or (
+        ['fastapi>=0.165 ; python_version >= "3.11"'] if Path(file).name == 'server-requirements.txt' else []))
+    calls = record_runs(monkeypatch, widget)
+    app.answers.append(False)
+    widget.ui.applyButton.click()
+    assert calls[-1][1]['server'] is None and [k for k, _ in app.dialogs] == ['confirm']
+    assert 'fastapi' in app.dialogs[0][1] and 'torch' not in app.dialogs[0][1]
+    app.answers.append(True)
+    widget.ui.applyButton.click()
+    assert calls[-1][1]['server'] == 'local'
+    pip = [args for kind, args in app.dialogs if kind == 'pip']
+    assert len(pip) == 1 and pip[0][2:] == ['fastapi>=0.165 ; python_version >= "3.11"'] and app.slotErrors == []
+
+
+def test_remote_mode_installs_nothing_and_asks_nothing(monkeypatch, scene, tmp_path, results_dir, model3d):
+    from conftest import start_server
+    proc, listening = start_server(results_dir, tmp_path)
+    try:
+        app = install_app(monkeypatch, scene, tmp_path, '5.8')
+        module = load_module()
+        monkeypatch.setattr(module, 'missing_requirements', lambda file: ['torch>=2.1', 'nnunetv2>=2.5'])
+        widget = open_panel(module)
+        ui, node = widget.ui, widget._parameterNode
+        ui.computeOnComboBox.currentText = 'a server'
+        ui.serverUrlLineEdit.text = listening['url']
+        ui.serverTokenFilePathLineEdit.currentPath = str(tmp_path / 'token')
+        ui.connectServerButton.click()
+        ui.serverModelComboBox.currentText = str(model3d.relative_to(results_dir))
+        node.inputVolume = volume_from_array(scene, np.zeros((4, 5, 6), np.float32), np.eye(4), 'CT')
+        calls = record_runs(monkeypatch, widget)
+        assert ui.applyButton.enabled
+        ui.applyButton.click()
+        (_, kwargs), = calls
+        assert kwargs['server'] is widget._connection
+        assert [kind for kind, _ in app.dialogs if kind in ('confirm', 'pip')] == [] and app.slotErrors == []
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_dead_or_hanging_local_server_does_not_break_apply(monkeypatch, scene, input_volume, model3d, tmp_path):
+    """Died: the next Apply starts it again (one log line) and runs. Hangs: Apply returns at once, the run fails
+    when the server does not answer, and the next Apply starts a new server."""
+    import signal
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    widget = panel_with_model(app, model3d)
+    ui, node = widget.ui, widget._parameterNode
+    node.inputVolume, node.device, node.tta, node.targetClass = input_volume, 'cpu', False, 'lesion'
+    for box in widget._foldBoxes[1:]:
+        box.checked = False
+    server, hung = widget.logic.localServer, None
+    try:
+        server.connect(model3d, 'cpu')
+        dead = server.process.pid
+        server.process.cancel()  # the server dies
+        assert ui.applyButton.enabled, ui.applyButton.toolTip
+        ui.applyButton.click()
+        app.runPending(seconds=300)
+        assert ui.statusLabel.text.startswith('Done'), (ui.statusLabel.text, app.dialogs, app.slotErrors)
+        assert 'The server on this computer had stopped; starting it again' in log_lines(ui)
+        assert server.process.pid != dead and app.slotErrors == []
+        hung = server.process.pid
+        os.kill(hung, signal.SIGSTOP)  # alive, and answers nothing
+        server.connection.client.timeout = 3  # its configured timeout, short for the test
+        t0 = time.monotonic()
+        ui.applyButton.click()
+        assert time.monotonic() - t0 < 1.0 and ui.applyButton.text == 'Cancel'
+        app.runPending(seconds=60)
+        assert ui.statusLabel.text == 'Failed; see the log.' and 'does not answer' in app.dialogs[-1][1]
+        assert server.process is None  # stopped: the next run starts a new one
+        ui.applyButton.click()
+        app.runPending(seconds=300)
+        assert ui.statusLabel.text.startswith('Done') and server.process.pid not in (dead, hung)
+        assert app.slotErrors == []
+    finally:
+        if hung:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGKILL)
+        widget.cleanup()
+
+
+def test_reentering_in_server_mode_keeps_the_mode_and_runs_no_local_core(monkeypatch, scene, tmp_path, model3d):
+    """On enter() the connector empties and refills Compute on (passing 'this computer'): no local --list-layers,
+    the chosen class kept, the server's widgets still shown."""
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    widget = panel_with_model(app, model3d)
+    ui, node = widget.ui, widget._parameterNode
+    ui.computeOnComboBox.currentText = 'a server'
+    node.targetClass = 'organ'
+    widget.exit()
+    calls = []
+    real = widget.logic.callCore
+    monkeypatch.setattr(widget.logic, 'callCore', lambda args, *a, **k: calls.append(args) or real(args, *a, **k))
+    widget.enter()
+    app.runPending()
+    assert not [c for c in calls if '--list-layers' in c], calls
+    assert node.computeOn == 'a server' and node.targetClass == 'organ'
+    assert ui.serverUrlLineEdit.visible and not ui.modelFolderPathLineEdit.visible and app.slotErrors == []
+
+
+def test_a_model_folder_that_loads_goes_into_the_recent_folders(monkeypatch, scene, tmp_path, model3d):
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    widget = panel_with_model(app, model3d)
+    assert widget._info is not None
+    assert app.settings['ctkPathLineEdit/NNUNetCAM/recentModelFolders'] in ([str(model3d)], str(model3d))
+    assert open_panel(load_module()).ui.modelFolderPathLineEdit.history() == [str(model3d)]  # the next session
+    widget.ui.modelFolderPathLineEdit.currentPath = str(tmp_path)  # not a model: not remembered
+    assert open_panel(load_module()).ui.modelFolderPathLineEdit.history() == [str(model3d)]
+
+
+def test_clearing_the_model_folder_drops_the_model(monkeypatch, scene, tmp_path, model3d):
+    """ctkPathLineEdit says nothing on currentPathChanged for an empty field: Apply must not run the old model."""
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    widget = panel_with_model(app, model3d)
+    widget._parameterNode.inputVolume = volume_from_array(scene, np.zeros((4, 5, 6), np.float32), np.eye(4), 'CT')
+    assert widget.ui.applyButton.enabled
+    widget.ui.modelFolderPathLineEdit.currentPath = ''
+    assert not widget.ui.applyButton.enabled and widget._parameterNode.modelFolder == ''
+    assert widget.ui.targetClassComboBox.count == 0 and app.slotErrors == []
+
+
+def test_fold_spread_needs_two_folds(monkeypatch, scene, tmp_path, model3d):
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    widget = panel_with_model(app, model3d)
+    ui, node = widget.ui, widget._parameterNode
+    node.inputVolume = volume_from_array(scene, np.zeros((4, 5, 6), np.float32), np.eye(4), 'CT')
+    node.foldSpread = True
+    assert ui.applyButton.enabled  # folds 0 and 1
+    widget._foldBoxes[1].checked = False
+    assert not ui.applyButton.enabled and 'two folds' in ui.applyButton.toolTip
+    node.foldSpread = False
+    assert ui.applyButton.enabled and app.slotErrors == []
+
+
+def test_apply_cannot_be_clicked_again_while_the_server_starts(monkeypatch, scene, input_volume, model3d, tmp_path):
+    """The server's start processes events for seconds: a second click then (a real click, queued in Qt's event
+    loop) starts nothing; one server, one run."""
+    from PyQt5.QtCore import Qt as QtKeys
+    from PyQt5.QtTest import QTest
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    widget = panel_with_model(app, model3d)
+    ui, node = widget.ui, widget._parameterNode
+    node.inputVolume, node.device, node.tta, node.targetClass = input_volume, 'cpu', False, 'lesion'
+    for box in widget._foldBoxes[1:]:
+        box.checked = False
+    seen, starts = [], []
+    connect = widget.logic.localServer.connect
+    monkeypatch.setattr(widget.logic.localServer, 'connect', lambda *a: starts.append(1) or connect(*a))
+
+    def click_again():
+        seen.append((ui.applyButton.enabled, ui.applyButton.text))
+        QTest.mouseClick(ui.applyButton, QtKeys.LeftButton)
+    slicer_standin.QtCore.QTimer.singleShot(300, click_again)
+    try:
+        QTest.mouseClick(ui.applyButton, QtKeys.LeftButton)
+        app.runPending(seconds=300)
+        assert seen == [(False, 'Starting...')] and len(starts) == 1
+        assert ui.statusLabel.text.startswith('Done') and app.slotErrors == []
+    finally:
+        widget.cleanup()
