@@ -114,6 +114,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.targetLayerComboBox.connect('currentIndexChanged(int)', self.onTargetLayerChanged)
         self.ui.methodComboBox.connect('currentTextChanged(QString)', self.onMethodChanged)
         self.ui.targetSegmentSelector.connect('currentNodeChanged(vtkMRMLNode*)', lambda node: self.updateApply())
+        self.ui.targetSegmentSelector.connect('currentSegmentChanged(QString)', lambda segment: self.updateApply())
         self.ui.applyButton.connect('clicked(bool)', self.onApply)
         self.ui.camVolumeSelector.connect('currentNodeChanged(vtkMRMLNode*)', self.onDisplayChanged)
         self.ui.colormapComboBox.connect('currentTextChanged(QString)', self.onDisplayChanged)
@@ -355,6 +356,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         one_fold = bool(p and p.foldSpread and len(self.selectedFolds()) < 2)
         self.ui.applyButton.enabled = not self._starting and (running or (ready and not local_only and not one_fold))
         self.ui.applyButton.text = 'Cancel' if running else 'Starting...' if self._starting else 'Apply'
+        self.ui.targetRuleLabel.text = self.targetRule()
         self.ui.applyButton.toolTip = ('Stop the run; nothing is added to the scene.' if running else
                                        'Preparing the run.' if self._starting else
                                        'The evaluation and the fold spread run on this computer: untick them, or '
@@ -363,6 +365,17 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                        'Fold spread.' if one_fold else
                                        'Segment the volume and compute the CAM.' if ready else
                                        'Select an input volume, a model folder and at least one fold.')
+
+    def targetRule(self) -> str:
+        """Which of the chosen regions Apply explains: a segment over an ROI over a point."""
+        p = self._parameterNode
+        chosen = [name for name, on in (
+            ('the segment', bool(self.ui.targetSegmentSelector.currentNode()
+                                 and self.ui.targetSegmentSelector.currentSegmentID())),
+            ('the ROI', bool(p and p.targetRoi)), ('the point', bool(p and p.targetPoint))) if on]
+        if len(chosen) < 2:
+            return 'One region is explained: the segment if one is chosen, else the ROI, else the point.'
+        return f'{chosen[0][0].upper()}{chosen[0][1:]} is explained; {" and ".join(chosen[1:])} ignored.'
 
     # --- compute on a server ---
     def _showServerWidgets(self, remote: bool):

@@ -373,8 +373,8 @@ class qMRMLWidget(PythonQtObject, QtWidgets.QWidget):
 
 class qMRMLNodeComboBox(PythonQtObject, QtWidgets.QWidget):
     """Libs/MRML/Widgets/qMRMLNodeComboBox.cxx (v5.8.0 / main), on a real QComboBox of the scene's nodes:
-    - the nodes listed: of a type in nodeTypes (IsA, so subclasses too) and not HideFromEditors
-      (qMRMLSortFilterProxyModel.cxx 234-240 / 232-238);
+    - the nodes listed: of a type in nodeTypes (IsA; a subclass only with showChildNodeTypes) and not
+      HideFromEditors (qMRMLSortFilterProxyModel.cxx 234-280 / 232-277);
     - 'None' first when noneEnabled; without it the QComboBox selects the first node as nodes arrive (Qt's
       QComboBoxPrivate::_q_rowsInserted), so a node is auto-selected;
     - setCurrentNode of a node not listed selects None (or nothing) (setCurrentNodeID 915 / 889);
@@ -395,7 +395,8 @@ class qMRMLNodeComboBox(PythonQtObject, QtWidgets.QWidget):
         self.setEnabled(False)
 
     def _listed(self, node):
-        return any(node.IsA(t) for t in self._types) and (self._hidden or not node.GetHideFromEditors())
+        return any(node.IsA(t) and (self._children or node.GetClassName() == t) for t in self._types) and \
+            (self._hidden or not node.GetHideFromEditors())
 
     def _sync(self, *args):
         """The QComboBox's items follow the scene (qMRMLSceneModel), keeping the current item where it stays."""
@@ -481,6 +482,7 @@ class qMRMLNodeComboBox(PythonQtObject, QtWidgets.QWidget):
 
     def setShowChildNodeTypes(self, v):
         self._children = v
+        self._sync()
 
     def setShowHidden(self, v):
         self._hidden = v

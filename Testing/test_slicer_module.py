@@ -1114,6 +1114,17 @@ def panel_with_model(app, model, version_module=None):
     return widget
 
 
+def ready_panel(monkeypatch, scene, tmp_path, model, volume):
+    """The panel with a model and a volume, on the CPU, one fold, no TTA: ready to Apply."""
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    widget = panel_with_model(app, model)
+    node = widget._parameterNode
+    node.inputVolume, node.device, node.tta, node.targetClass = volume, 'cpu', False, 'lesion'
+    for box in widget._foldBoxes[1:]:
+        box.checked = False
+    return app, widget
+
+
 def record_runs(monkeypatch, widget):
     calls = []
     monkeypatch.setattr(widget.logic, 'run', lambda *args, **kwargs: calls.append((args, kwargs))
@@ -1193,12 +1204,8 @@ def test_a_dead_or_hanging_local_server_does_not_break_apply(monkeypatch, scene,
     """Died: the next Apply starts it again (one log line) and runs. Hangs: Apply returns at once, the run fails
     when the server does not answer, and the next Apply starts a new server."""
     import signal
-    app = install_app(monkeypatch, scene, tmp_path, 'main')
-    widget = panel_with_model(app, model3d)
-    ui, node = widget.ui, widget._parameterNode
-    node.inputVolume, node.device, node.tta, node.targetClass = input_volume, 'cpu', False, 'lesion'
-    for box in widget._foldBoxes[1:]:
-        box.checked = False
+    app, widget = ready_panel(monkeypatch, scene, tmp_path, model3d, input_volume)
+    ui = widget.ui
     server, hung = widget.logic.localServer, None
     try:
         server.connect(model3d, 'cpu')
@@ -1288,12 +1295,8 @@ def test_apply_cannot_be_clicked_again_while_the_server_starts(monkeypatch, scen
     loop) starts nothing; one server, one run."""
     from PyQt5.QtCore import Qt as QtKeys
     from PyQt5.QtTest import QTest
-    app = install_app(monkeypatch, scene, tmp_path, 'main')
-    widget = panel_with_model(app, model3d)
-    ui, node = widget.ui, widget._parameterNode
-    node.inputVolume, node.device, node.tta, node.targetClass = input_volume, 'cpu', False, 'lesion'
-    for box in widget._foldBoxes[1:]:
-        box.checked = False
+    app, widget = ready_panel(monkeypatch, scene, tmp_path, model3d, input_volume)
+    ui = widget.ui
     seen, starts = [], []
     connect = widget.logic.localServer.connect
     monkeypatch.setattr(widget.logic.localServer, 'connect', lambda *a: starts.append(1) or connect(*a))
@@ -1309,3 +1312,27 @@ def test_apply_cannot_be_clicked_again_while_the_server_starts(monkeypatch, scen
         assert ui.statusLabel.text.startswith('Done') and app.slotErrors == []
     finally:
         widget.cleanup()
+
+
+def test_the_panel_says_which_region_is_explained(app, scene):
+    """A segment wins over an ROI, an ROI over a point: the panel says so, and Apply passes that one alone."""
+    widget = open_panel(load_module())
+    ui, node = widget.ui, widget._parameterNode
+    reference = volume_from_array(scene, np.zeros((6, 7, 8), np.float32), np.eye(4), 'CT')
+    box = np.zeros((6, 7, 8), np.uint8)
+    box[1:3, 2:4, 3:5] = 1
+    labelmap = volume_from_array(scene, box, np.eye(4), 'box', label=True)
+    segmentation = scene.AddNewNodeByClass('vtkMRMLSegmentationNode', 'lesions')
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    roi = scene.AddNewNodeByClass('vtkMRMLMarkupsROINode', 'box')
+    node.targetRoi = roi
+    assert 'else the ROI' in ui.targetRuleLabel.text and node.inputVolume is reference
+    ui.targetSegmentSelector.setCurrentNode(segmentation)  # with None offered, no segment is chosen yet
+    assert ui.targetSegmentSelector.currentSegmentID() == '' and 'else the ROI' in ui.targetRuleLabel.text
+    segment = segmentation.GetSegmentation().GetNthSegmentID(0)
+    ui.targetSegmentSelector.setCurrentSegmentID(segment)
+    assert ui.targetSegmentSelector.currentSegmentID() == segment
+    assert ui.targetRuleLabel.text == 'The segment is explained; the ROI ignored.'
+    ui.targetSegmentSelector.setCurrentNode(None)
+    node.targetPoint = scene.AddNewNodeByClass('vtkMRMLMarkupsFiducialNode', 'here')
+    assert ui.targetRuleLabel.text == 'The ROI is explained; the point ignored.' and app.slotErrors == []
