@@ -855,6 +855,7 @@ def test_a_server_killed_mid_run_is_reported_and_adds_nothing(scene, input_volum
     logic = NNUNetCAMLogic(scene, temp_root=str(temp_root))
     try:
         logic.localServer.connect(model3d, 'cpu')
+        work = Path(logic.localServer.work)
         nodes = node_ids(scene)
         errors = []
         run = logic.run(input_volume, model3d, targetClass='lesion', folds=[0, 1], device='cpu', tta=True,
@@ -866,10 +867,11 @@ def test_a_server_killed_mid_run_is_reported_and_adds_nothing(scene, input_volum
             time.sleep(0.05)
         assert run.state == 'failed' and 'does not answer' in errors[0] and '\n' not in errors[0]
         assert node_ids(scene) == nodes and list(temp_root.iterdir()) == []
-        work = Path(logic.localServer.work)
+        # it did not answer: stopped, its own files removed, and the next run starts a new one
+        assert logic.localServer.process is None and not work.exists()
     finally:
         logic.cleanup()
-    assert not work.exists()  # killed mid-job, the server's own files go with the module's cleanup
+    assert not work.exists()
 
 
 def test_evaluation_is_refused_on_a_server(scene, input_volume, model3d):
