@@ -4,6 +4,7 @@ Thin Slicer glue: the Module, the Widget (panel <-> parameter node <-> NNUNetCAM
 NNUNetCAMLib, which has no Qt and is tested outside Slicer; the computation runs in nnunetv2_cam_core, in a
 subprocess."""
 import contextlib
+import enum
 import platform
 import subprocess
 import time
@@ -28,7 +29,17 @@ from NNUNetCAMLib.server import ServerStartError, connect_server
 PYTHON_SETTING = 'NNUNetCAM/python'  # '' = Slicer's own Python
 SERVER_URL_SETTING = 'NNUNetCAM/serverUrl'
 SERVER_TOKEN_FILE_SETTING = 'NNUNetCAM/serverTokenFile'  # the file's path; the token stays in memory
-COMPUTE_ON = ['this computer', 'a new process per run', 'a server']
+
+
+class ComputeOn(enum.Enum):
+    """Where Apply computes. A saved scene holds the name (parameterNodeWrapper's EnumSerializer); the panel shows
+    the label (its QComboBoxToEnumConnector calls label()), so a label can change without breaking old scenes."""
+    local = 'this computer'
+    process = 'a new process per run'
+    server = 'a server'
+
+    def label(self) -> str:
+        return self.value
 
 
 def savedEnvironment() -> PythonEnvironment:
@@ -67,7 +78,7 @@ class NNUNetCAMParameterNode:
     tta: bool = True
     evaluate: bool = False
     foldSpread: bool = False
-    computeOn: Annotated[str, Choice(COMPUTE_ON)] = COMPUTE_ON[0]
+    computeOn: ComputeOn = ComputeOn.local
     targetRoi: slicer.vtkMRMLMarkupsROINode
     targetPoint: slicer.vtkMRMLMarkupsFiducialNode
     pointRadiusMm: Annotated[float, WithinRange(1.0, 100.0)] = 10.0
@@ -209,7 +220,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- model folder: info now, layers and methods from the core in the background ---
     def remote(self) -> bool:
-        return self.ui.computeOnComboBox.currentText == COMPUTE_ON[2]
+        return self.ui.computeOnComboBox.currentText == ComputeOn.server.label()
 
     def onModelFolderChanged(self, folder):
         if self.remote():
@@ -352,7 +363,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self._run is not None and self._run.running
         p = self._parameterNode
         ready = bool(p and p.inputVolume and self._info and self.selectedFolds())
-        local_only = bool(p and p.computeOn == COMPUTE_ON[2] and (p.evaluate or p.foldSpread))
+        local_only = bool(p and p.computeOn is ComputeOn.server and (p.evaluate or p.foldSpread))
         one_fold = bool(p and p.foldSpread and len(self.selectedFolds()) < 2)
         self.ui.applyButton.enabled = not self._starting and (running or (ready and not local_only and not one_fold))
         self.ui.applyButton.text = 'Cancel' if running else 'Starting...' if self._starting else 'Apply'
@@ -389,7 +400,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Only a switch between a model folder and a server's model changes the model. The parameter node's
         connector clears and refills the list on every enter(), passing through the first item: ignored, and the
         mode it leaves is applied once afterwards (setParameterNode)."""
-        remote = text == COMPUTE_ON[2]
+        remote = text == ComputeOn.server.label()
         if self._connectingGui or not text or remote == self._remoteShown:
             return
         self._remoteShown = remote
@@ -451,7 +462,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _apply(self):
         p = self._parameterNode
-        remote = p.computeOn == COMPUTE_ON[2]
+        remote = p.computeOn is ComputeOn.server
         if not remote and not self.ensureEnvironment():  # a remote server needs nothing on this computer
             return
         channels = [p.channel1Volume, p.channel2Volume, p.channel3Volume][:len(self._info['channels']) - 1]
@@ -463,7 +474,7 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._started = time.monotonic()
         # the evaluation and the fold spread run in a process of their own
         server = self._connection if remote else \
-            'local' if p.computeOn == COMPUTE_ON[0] and not (p.evaluate or p.foldSpread) else None
+            'local' if p.computeOn is ComputeOn.local and not (p.evaluate or p.foldSpread) else None
         model = self.ui.serverModelComboBox.currentText if remote else self._info['folder']
         run = lambda server: self.logic.run(  # noqa: E731
             p.inputVolume, model, targetClass=self.ui.targetClassComboBox.currentText,

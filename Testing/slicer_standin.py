@@ -12,6 +12,7 @@ event loop. Only what the `slicer-core` wheel lacks is emulated, each piece afte
 - parameterNodeWrapper: connectors and validators of Base/Python/slicer/parameterNodeWrapper/.
 - ScriptedLoadableModule.py: the module, widget, logic (singleton parameter node) and test base classes.
 5.8 and main are modelled where they differ: connectGui's tag, disconnectGui's observer, slicer.packaging."""
+import enum
 import inspect
 import io
 import json
@@ -717,6 +718,29 @@ class _ComboBoxConnector(_Connector):
         self.widget.currentIndex = self.choices.index(value)  # ValueError for a value not among the choices
 
 
+class _EnumConnector(_Connector):
+    """QComboBoxToEnumConnector (v5.8.0 403-450, main 466-513): the members' label() (else their name) as items,
+    the selection kept across the refill."""
+    SIGNAL = 'currentIndexChanged'
+
+    def __init__(self, widget, kind):
+        super().__init__(widget)
+        label = getattr(kind, 'label', lambda e: e.name)
+        self.labels = [(label(e), e) for e in kind]
+        saved = self.labels[widget.currentIndex][1] if 0 <= widget.currentIndex < len(self.labels) else None
+        widget.clear()
+        for text, _ in self.labels:
+            widget.addItem(text)
+        if saved is not None:
+            self.write(saved)
+
+    def read(self):
+        return self.labels[self.widget.currentIndex][1]
+
+    def write(self, value):
+        self.widget.currentIndex = [e for _, e in self.labels].index(value)
+
+
 class _SliderConnector(_Connector):  # QDoubleSpinBoxCtkSliderWidgetToFloatConnector, 289-352 / 352-415
     SIGNAL = 'valueChanged'
 
@@ -751,6 +775,8 @@ def _connector(widget, kind, annotations):
     wtype = type(widget)
     if wtype is _QT.QCheckBox and kind is bool:
         return _CheckBoxConnector(widget)
+    if wtype is _QT.QComboBox and isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return _EnumConnector(widget, kind)
     if wtype is _QT.QComboBox and kind in (int, float, str, bool):
         if first(Choice) is None:
             raise RuntimeError('ComboBoxToStringableConnector requires the Choice annotation to be used.')
@@ -780,6 +806,9 @@ class ParameterNodeWrapper:
         text = self.parameterNode.GetParameter(name)
         if not text:  # the scene was closed
             return self.allParameters[name][2]
+        kind = self.allParameters[name][0]
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            return kind[text]  # EnumSerializer.read (serializers.py v5.8.0 978-1010, main 1058-1090): by name
         value = json.loads(text)
         if self._isNode(name):
             return self.parameterNode.GetScene().GetNodeByID(value) if value else None
@@ -789,6 +818,10 @@ class ParameterNodeWrapper:
         kind, annotations, _ = self.allParameters[name]
         for a in annotations:
             a.validate(value)
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            IsInstance(kind).validate(value)  # EnumSerializer comes with IsInstance (serializers.py 986 / 1066)
+            self.parameterNode.SetParameter(name, value.name)
+            return
         if self._isNode(name):
             if value is not None and not isinstance(value, kind):
                 raise TypeError(f'{name} takes a {kind.__name__}, not {value.GetClassName()}')
@@ -858,7 +891,9 @@ def parameterNodeWrapper(cls):
     for name, hint in typing.get_type_hints(cls, include_extras=True).items():
         kind, *annotations = typing.get_args(hint) if typing.get_origin(hint) is typing.Annotated else (hint,)
         is_node = isinstance(kind, type) and issubclass(kind, slicer.vtkMRMLNode)
-        parameters[name] = (kind, annotations, getattr(cls, name, None if is_node else kind()))
+        default = getattr(cls, name) if hasattr(cls, name) else None if is_node else \
+            next(iter(kind)) if issubclass(kind, enum.Enum) else kind()  # EnumSerializer.default: the first member
+        parameters[name] = (kind, annotations, default)
     members = {name: property(lambda self, n=name: self.getValue(n), lambda self, v, n=name: self.setValue(n, v))
                for name in parameters}
     return type(cls.__name__, (ParameterNodeWrapper,), {**members, 'allParameters': parameters})

@@ -498,7 +498,8 @@ def test_every_bound_widget_has_the_annotation_its_connector_needs(app, scene):
     open_panel(module)
     _, mapping = app.connections[-1]
     has = lambda annotations, cls: any(isinstance(a, cls) for a in annotations)  # noqa: E731
-    needs = {'QComboBox': lambda kind, annotations: has(annotations, slicer_standin.Choice),
+    needs = {'QComboBox': lambda kind, annotations: has(annotations, slicer_standin.Choice) or (
+                 isinstance(kind, type) and issubclass(kind, slicer_standin.enum.Enum)),
              'ctkSliderWidget': lambda kind, annotations: kind is float and has(annotations, slicer_standin.WithinRange),
              'qMRMLNodeComboBox': lambda kind, annotations: issubclass(kind, slicer.vtkMRMLNode),
              'QCheckBox': lambda kind, annotations: kind is bool}
@@ -913,7 +914,7 @@ def test_panel_computes_on_this_computer_and_explains_here(monkeypatch, scene, i
     assert here['server']['target_mask'] == 'region' and here['tiles'] < full['tiles']
     node.targetPoint = None
     ui.computeOnComboBox.currentText = 'a new process per run'
-    assert node.computeOn == 'a new process per run'
+    assert node.computeOn.name == 'process'
     ui.applyButton.click()
     app.runPending(seconds=300)
     assert ui.statusLabel.text.startswith('Done') and 'server' not in widget._run.result.sidecar
@@ -964,7 +965,7 @@ def test_panel_computes_on_a_remote_server_with_its_url_and_token_file(monkeypat
         ui, node = widget.ui, widget._parameterNode
         assert not ui.serverUrlLineEdit.visible and ui.modelFolderPathLineEdit.visible
         ui.computeOnComboBox.currentText = 'a server'
-        assert node.computeOn == 'a server' and ui.serverUrlLineEdit.visible and ui.serverModelComboBox.visible
+        assert node.computeOn.name == 'server' and ui.serverUrlLineEdit.visible and ui.serverModelComboBox.visible
         assert not ui.modelFolderPathLineEdit.visible and not ui.applyButton.enabled
         wrong = tmp_path / 'wrong'
         wrong.write_text('0' * 64)
@@ -1145,7 +1146,7 @@ def test_on_a_python_where_the_server_does_not_install_each_run_is_a_process(mon
     monkeypatch.setattr(platform, 'python_version', lambda: '3.9.21')
     monkeypatch.setattr(platform, 'python_version_tuple', lambda: ('3', '9', '21'))
     calls = record_runs(monkeypatch, widget)
-    assert node.computeOn == 'this computer' and widget.ui.applyButton.enabled
+    assert node.computeOn.name == 'local' and widget.ui.applyButton.enabled
     widget.ui.applyButton.click()
     (_, kwargs), = calls
     assert kwargs['server'] is None
@@ -1254,7 +1255,7 @@ def test_reentering_in_server_mode_keeps_the_mode_and_runs_no_local_core(monkeyp
     widget.enter()
     app.runPending()
     assert not [c for c in calls if '--list-layers' in c], calls
-    assert node.computeOn == 'a server' and node.targetClass == 'organ'
+    assert node.computeOn.name == 'server' and node.targetClass == 'organ'
     assert ui.serverUrlLineEdit.visible and not ui.modelFolderPathLineEdit.visible and app.slotErrors == []
 
 
@@ -1338,3 +1339,21 @@ def test_the_panel_says_which_region_is_explained(app, scene):
     ui.targetSegmentSelector.setCurrentNode(None)
     node.targetPoint = scene.AddNewNodeByClass('vtkMRMLMarkupsFiducialNode', 'here')
     assert ui.targetRuleLabel.text == 'The ROI is explained; the point ignored.' and app.slotErrors == []
+
+
+def test_saved_scenes_hold_stable_keys_not_labels(app, scene, tmp_path):
+    """Compute on is saved by its name: a scene saved before a label changes still opens."""
+    module = load_module()
+    widget = open_panel(module)
+    widget.ui.computeOnComboBox.currentText = 'a server'
+    assert widget._parameterNode.parameterNode.GetParameter('computeOn') == 'server'
+    widget.exit()
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        monkeypatch.setattr(module.ComputeOn, 'label', lambda self: {'server': 'a remote server'}.get(self.name,
+                                                                                                      self.value))
+        widget.enter()
+        assert widget.ui.computeOnComboBox.currentText == 'a remote server' and widget.remote()
+        assert widget._parameterNode.computeOn is module.ComputeOn.server and app.slotErrors == []
+    finally:
+        monkeypatch.undo()

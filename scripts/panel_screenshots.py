@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     ui.modelFolderPathLineEdit.currentPath = str(model)
     app.runPending()
     node = widget._parameterNode
-    node.device, node.tta, node.targetClass, node.computeOn = 'cpu', False, 'lesion', 'a new process per run'
+    node.device, node.tta, node.targetClass, node.computeOn = 'cpu', False, 'lesion', module.ComputeOn.process
     args.output.mkdir(parents=True, exist_ok=True)
     parent.grab().save(str(args.output / 'panel_idle.png'))
     ui.applyButton.click()
