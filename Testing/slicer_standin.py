@@ -992,6 +992,19 @@ def _excepthook(kind, value, tb):
         APP.slotErrors.append(value)
 
 
+def openPanel(module, size=(500, 1400)):
+    """As Slicer shows a module panel: the widget made in its parent (a QVBoxLayout), set up, shown, then entered."""
+    parent = qMRMLWidget()
+    parent.setLayout(QtWidgets.QVBoxLayout())
+    parent.isEntered = True
+    widget = module.NNUNetCAMWidget(parent)
+    widget.setup()
+    parent.resize(*size)
+    parent.show()
+    widget.enter()
+    return widget
+
+
 def install(monkeypatch, scene, temporaryPath: str, version: str = 'main') -> App:
     """The stand-ins in sys.modules and on the real `slicer` module, undone by `monkeypatch`; settings in an ini file
     under temporaryPath. version '5.8': connectGui returns None and disconnectGui keeps the node observer; 'main':

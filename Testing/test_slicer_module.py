@@ -407,16 +407,7 @@ def load_module():
 
 
 def open_panel(module):
-    """As Slicer shows a module panel: the widget made in its parent (a QVBoxLayout), set up, shown, then entered."""
-    parent = slicer_standin.qMRMLWidget()
-    parent.setLayout(slicer_standin.QtWidgets.QVBoxLayout())
-    parent.isEntered = True
-    widget = module.NNUNetCAMWidget(parent)
-    widget.setup()
-    parent.resize(500, 1400)
-    parent.show()
-    widget.enter()
-    return widget
+    return slicer_standin.openPanel(module)
 
 
 def items(combo):

@@ -43,15 +43,8 @@ def main(argv=None) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     slicer.util.loadVolume(write_sample_case(work))
-    parent = slicer_standin.qMRMLWidget()
-    parent.setLayout(slicer_standin.QtWidgets.QVBoxLayout())
-    parent.isEntered = True
-    widget = module.NNUNetCAMWidget(parent)
-    widget.setup()
-    parent.resize(460, 1000)
-    parent.show()
-    widget.enter()
-    ui = widget.ui
+    widget = slicer_standin.openPanel(module, (460, 1000))
+    parent, ui = widget.parent, widget.ui
     ui.modelFolderPathLineEdit.currentPath = str(model)
     app.runPending()
     node = widget._parameterNode
