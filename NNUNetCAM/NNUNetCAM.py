@@ -4,6 +4,8 @@ Thin Slicer glue: the Module, the Widget (panel <-> parameter node <-> NNUNetCAM
 NNUNetCAMLib, which has no Qt and is tested outside Slicer; the computation runs in nnunetv2_cam_core, in a
 subprocess."""
 import contextlib
+import enum
+import platform
 import subprocess
 import time
 from typing import Annotated
@@ -17,8 +19,8 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from NNUNetCAMLib import (COLORMAPS, DEFAULT_COLORMAP, DisplayOptions, NNUNetCAMLogic, PythonEnvironment,
-                          install_requirements, layer_choices, missing_requirements, model_info, target_classes,
-                          torch_install_arguments)
+                          excluded_requirements, install_requirements, layer_choices, missing_requirements, model_info,
+                          target_classes, torch_install_arguments)
 from NNUNetCAMLib import display, evaluation
 from NNUNetCAMLib.logic import LAYER_TOOLTIP, stdout_json
 from NNUNetCAMLib.process import run_to_end, stdout_of
@@ -27,7 +29,17 @@ from NNUNetCAMLib.server import ServerStartError, connect_server
 PYTHON_SETTING = 'NNUNetCAM/python'  # '' = Slicer's own Python
 SERVER_URL_SETTING = 'NNUNetCAM/serverUrl'
 SERVER_TOKEN_FILE_SETTING = 'NNUNetCAM/serverTokenFile'  # the file's path; the token stays in memory
-COMPUTE_ON = ['this computer', 'a new process per run', 'a server']
+
+
+class ComputeOn(enum.Enum):
+    """Where Apply computes. A saved scene holds the name (parameterNodeWrapper's EnumSerializer); the panel shows
+    the label (its QComboBoxToEnumConnector calls label()), so a label can change without breaking old scenes."""
+    local = 'this computer'
+    process = 'a new process per run'
+    server = 'a server'
+
+    def label(self) -> str:
+        return self.value
 
 
 def savedEnvironment() -> PythonEnvironment:
@@ -66,7 +78,7 @@ class NNUNetCAMParameterNode:
     tta: bool = True
     evaluate: bool = False
     foldSpread: bool = False
-    computeOn: Annotated[str, Choice(COMPUTE_ON)] = COMPUTE_ON[0]
+    computeOn: ComputeOn = ComputeOn.local
     targetRoi: slicer.vtkMRMLMarkupsROINode
     targetPoint: slicer.vtkMRMLMarkupsFiducialNode
     pointRadiusMm: Annotated[float, WithinRange(1.0, 100.0)] = 10.0
@@ -91,6 +103,8 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._started = 0.0
         self._connection = None  # a remote server (Compute on: a server), after Connect
         self._remoteShown = False
+        self._connectingGui = False  # the parameter node's connectors refill the combo boxes
+        self._starting = False  # Apply is preparing a run (installing, starting the server): it waits
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -105,10 +119,13 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.methodComboBox.addItem('gradcam')
 
         self.ui.modelFolderPathLineEdit.connect('currentPathChanged(QString)', self.onModelFolderChanged)
+        # ctkPathLineEdit emits currentPathChanged for acceptable (non-empty) text only: clearing it says so here
+        self.ui.modelFolderPathLineEdit.connect('validInputChanged(bool)', self.onModelFolderValid)
         self.ui.targetClassComboBox.connect('currentTextChanged(QString)', self.onTargetClassChanged)
         self.ui.targetLayerComboBox.connect('currentIndexChanged(int)', self.onTargetLayerChanged)
         self.ui.methodComboBox.connect('currentTextChanged(QString)', self.onMethodChanged)
         self.ui.targetSegmentSelector.connect('currentNodeChanged(vtkMRMLNode*)', lambda node: self.updateApply())
+        self.ui.targetSegmentSelector.connect('currentSegmentChanged(QString)', lambda segment: self.updateApply())
         self.ui.applyButton.connect('clicked(bool)', self.onApply)
         self.ui.camVolumeSelector.connect('currentNodeChanged(vtkMRMLNode*)', self.onDisplayChanged)
         self.ui.colormapComboBox.connect('currentTextChanged(QString)', self.onDisplayChanged)
@@ -175,8 +192,21 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApply)
         self._parameterNode = node
         if node:
-            # a mapping: connectGui takes a widget, and returns the tag only from Slicer 5.10 on
-            self._parameterNodeGuiTag = node.connectParametersToGui({
+            # a mapping: connectGui takes a widget, and returns the tag only from Slicer 5.10 on. The connectors
+            # clear and refill the combo boxes without blocking their signals: the slots wait for the result
+            self._connectingGui = True
+            try:
+                self._parameterNodeGuiTag = self._connectGui(node)
+            finally:
+                self._connectingGui = False
+            self.onComputeOnChanged(self.ui.computeOnComboBox.currentText)
+            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.updateApply)
+            if node.modelFolder and node.modelFolder != self.ui.modelFolderPathLineEdit.currentPath:
+                self.ui.modelFolderPathLineEdit.currentPath = node.modelFolder
+        self.updateApply()
+
+    def _connectGui(self, node):
+        return node.connectParametersToGui({
                 'inputVolume': self.ui.inputVolumeSelector, 'channel1Volume': self.ui.channel1Selector,
                 'channel2Volume': self.ui.channel2Selector, 'channel3Volume': self.ui.channel3Selector,
                 'device': self.ui.deviceComboBox, 'tta': self.ui.ttaCheckBox,
@@ -187,19 +217,22 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 'colormap': self.ui.colormapComboBox, 'opacity': self.ui.opacitySlider,
                 'threshold': self.ui.thresholdSlider, 'colorLegend': self.ui.colorLegendCheckBox,
                 'volumeRendering': self.ui.volumeRenderingCheckBox})
-            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.updateApply)
-            if node.modelFolder and node.modelFolder != self.ui.modelFolderPathLineEdit.currentPath:
-                self.ui.modelFolderPathLineEdit.currentPath = node.modelFolder
-        self.updateApply()
 
     # --- model folder: info now, layers and methods from the core in the background ---
     def remote(self) -> bool:
-        return self.ui.computeOnComboBox.currentText == COMPUTE_ON[2]
+        return self.ui.computeOnComboBox.currentText == ComputeOn.server.label()
 
     def onModelFolderChanged(self, folder):
         if self.remote():
             return
         self._showModel(folder and (lambda: model_info(folder)))
+
+    def onModelFolderValid(self, valid):
+        """A cleared folder field: no model (Apply cannot run the previous one)."""
+        if not valid and not self.remote():
+            if self._parameterNode:
+                self._parameterNode.modelFolder = ''
+            self._showModel(None)
 
     def _showModel(self, describe):
         """The model's classes, channels, folds and layers in the panel; describe() gives its info (None: no model)."""
@@ -229,6 +262,8 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self._parameterNode and not self.remote():
             self._parameterNode.modelFolder = info['folder']
+        if not self.remote():  # a folder that holds a model goes into the field's list of recent folders
+            self.ui.modelFolderPathLineEdit.addCurrentPathToHistory()
         self.ui.modelInfoLabel.text = (
             f'{info["dataset"]}, {info["configuration"]}, folds {", ".join(map(str, info["folds"])) or "none"}; '
             f'{"regions" if info["regions"] else "classes"}: {", ".join(target_classes(info))}; '
@@ -328,14 +363,30 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self._run is not None and self._run.running
         p = self._parameterNode
         ready = bool(p and p.inputVolume and self._info and self.selectedFolds())
-        local_only = bool(p and p.computeOn == COMPUTE_ON[2] and (p.evaluate or p.foldSpread))
-        self.ui.applyButton.enabled = running or (ready and not local_only)
-        self.ui.applyButton.text = 'Cancel' if running else 'Apply'
+        local_only = bool(p and p.computeOn is ComputeOn.server and (p.evaluate or p.foldSpread))
+        one_fold = bool(p and p.foldSpread and len(self.selectedFolds()) < 2)
+        self.ui.applyButton.enabled = not self._starting and (running or (ready and not local_only and not one_fold))
+        self.ui.applyButton.text = 'Cancel' if running else 'Starting...' if self._starting else 'Apply'
+        self.ui.targetRuleLabel.text = self.targetRule()
         self.ui.applyButton.toolTip = ('Stop the run; nothing is added to the scene.' if running else
+                                       'Preparing the run.' if self._starting else
                                        'The evaluation and the fold spread run on this computer: untick them, or '
                                        'compute on this computer.' if local_only else
+                                       'The fold spread compares the folds\' maps: tick two folds or more, or untick '
+                                       'Fold spread.' if one_fold else
                                        'Segment the volume and compute the CAM.' if ready else
                                        'Select an input volume, a model folder and at least one fold.')
+
+    def targetRule(self) -> str:
+        """Which of the chosen regions Apply explains: a segment over an ROI over a point."""
+        p = self._parameterNode
+        chosen = [name for name, on in (
+            ('the segment', bool(self.ui.targetSegmentSelector.currentNode()
+                                 and self.ui.targetSegmentSelector.currentSegmentID())),
+            ('the ROI', bool(p and p.targetRoi)), ('the point', bool(p and p.targetPoint))) if on]
+        if len(chosen) < 2:
+            return 'One region is explained: the segment if one is chosen, else the ROI, else the point.'
+        return f'{chosen[0][0].upper()}{chosen[0][1:]} is explained; {" and ".join(chosen[1:])} ignored.'
 
     # --- compute on a server ---
     def _showServerWidgets(self, remote: bool):
@@ -346,10 +397,11 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelFolderLabel.visible = self.ui.modelFolderPathLineEdit.visible = not remote
 
     def onComputeOnChanged(self, text):
-        """Only a switch between a model folder and a server's model changes the model (the parameter node's
-        connector clears and refills the list on every enter())."""
-        remote = text == COMPUTE_ON[2]
-        if not text or remote == self._remoteShown:
+        """Only a switch between a model folder and a server's model changes the model. The parameter node's
+        connector clears and refills the list on every enter(), passing through the first item: ignored, and the
+        mode it leaves is applied once afterwards (setParameterNode)."""
+        remote = text == ComputeOn.server.label()
+        if self._connectingGui or not text or remote == self._remoteShown:
             return
         self._remoteShown = remote
         self._showServerWidgets(remote)
@@ -397,9 +449,22 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.hide()
             self.updateApply()
             return
-        if not self.ensureEnvironment():
+        if self._starting:
             return
+        # installing and starting a server process events: no second Apply meanwhile
+        self._starting = True
+        self.updateApply()
+        try:
+            self._apply()
+        finally:
+            self._starting = False
+            self.updateApply()
+
+    def _apply(self):
         p = self._parameterNode
+        remote = p.computeOn is ComputeOn.server
+        if not remote and not self.ensureEnvironment():  # a remote server needs nothing on this computer
+            return
         channels = [p.channel1Volume, p.channel2Volume, p.channel3Volume][:len(self._info['channels']) - 1]
         segmentation = self.ui.targetSegmentSelector.currentNode()
         segmentId = self.ui.targetSegmentSelector.currentSegmentID() if segmentation else None
@@ -408,13 +473,9 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.show()
         self._started = time.monotonic()
         # the evaluation and the fold spread run in a process of their own
-        remote = p.computeOn == COMPUTE_ON[2]
         server = self._connection if remote else \
-            'local' if p.computeOn == COMPUTE_ON[0] and not (p.evaluate or p.foldSpread) else None
+            'local' if p.computeOn is ComputeOn.local and not (p.evaluate or p.foldSpread) else None
         model = self.ui.serverModelComboBox.currentText if remote else self._info['folder']
-        if server == 'local':
-            self.ui.serverStatusLabel.text = 'Starting the server on this computer...' \
-                if self.logic.serverStatus() == 'not started' else self.ui.serverStatusLabel.text
         run = lambda server: self.logic.run(  # noqa: E731
             p.inputVolume, model, targetClass=self.ui.targetClassComboBox.currentText,
             method=p.method, layers=[p.targetLayer], folds=self.selectedFolds(), device=p.device, tta=p.tta,
@@ -425,9 +486,11 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             evaluate=p.evaluate, foldSpread=p.foldSpread, server=server, wait=False, onProgress=self.onProgress,
             onLog=self.log, onFinished=self.onFinished, onError=self.onError)
         try:
+            if server == 'local':
+                server = self._localServer()
             try:
                 self._run = run(server)
-            except ServerStartError as e:  # e.g. the server's packages are missing in this Python
+            except ServerStartError as e:  # e.g. a port or permission problem
                 self.log(f'{e}; running in a new process instead')
                 self.ui.serverStatusLabel.text = f'Server not started: {e}'
                 self._run = run(None)
@@ -436,7 +499,41 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(str(e), windowTitle='NNUNetCAM')
             return
         self.log(' '.join(self._run.log[:1]))
-        self.updateApply()
+
+    def _localServer(self):
+        """'local' when the server on this computer can run (its packages there, or installed now), else None with
+        one log line saying why. No network call: a server that died is started again by the logic."""
+        why = self.localServerUnavailable()
+        if why:
+            self.log(f'{why}; running in a new process instead')
+            self.ui.serverStatusLabel.text = f'Server not started: {why}'
+            return None
+        server = self.logic.localServer
+        if server.process is not None and server.process.returncode is not None:
+            self.log('The server on this computer had stopped; starting it again')
+        if server.connection is None or server.process.returncode is not None:
+            self.ui.serverStatusLabel.text = 'Starting the server on this computer...'
+        return 'local'
+
+    def localServerUnavailable(self) -> str:
+        """Why the server cannot run in Slicer's Python ('' when it can). Its packages are installed when it is
+        first used, where they install, after the user agrees. Another Python: the user set it up."""
+        if not self.logic.environment.is_slicer_python:
+            return ''
+        excluded = excluded_requirements(self.serverRequirementsFile())
+        if excluded:
+            names = ', '.join(line.split(';')[0].strip() for line in excluded)
+            return (f'the server on this computer needs {names}, which do not install in Python '
+                    f'{platform.python_version()} (Slicer 5.10 or later)')
+        missing = missing_requirements(self.serverRequirementsFile())
+        if not missing:
+            return ''
+        if not slicer.util.confirmOkCancelDisplay(
+                'A server on this computer keeps the model and the scan loaded between runs, so another class or '
+                'region takes seconds. It needs these Python packages in Slicer:\n  ' + '\n  '.join(missing)
+                + '\n\nInstall them now (a few MB)? Cancel runs a new process per run.', windowTitle='NNUNetCAM'):
+            return 'its packages are not installed'
+        return '' if self.install(missing) else 'its packages could not be installed'
 
     def onProgress(self, fraction, text):
         self.ui.progressBar.value = int(round(100 * fraction))
@@ -452,9 +549,9 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                     f'{", ".join(node.GetName() for node in result.nodes())}'
                                     + ''.join(f'\n{line}' for line in sanity))
         self._parameterNode.camVolume = next(iter(result.cams.values()))
-        if 'server' in result.sidecar:
-            self.ui.serverStatusLabel.text = \
-                f'Server: {self.logic.serverStatus(self._connection if self.remote() else "local")}'
+        status = getattr(self._run.process, 'status', None)  # asked by the run's own thread, not here
+        if 'server' in result.sidecar and status:
+            self.ui.serverStatusLabel.text = f'Server: {status}'
         self.updateApply()
 
     def onError(self, message):
@@ -511,8 +608,11 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def requirementsFile(self):
         return self.resourcePath('requirements.txt')
 
+    def serverRequirementsFile(self):
+        return self.resourcePath('server-requirements.txt')
+
     def ensureEnvironment(self):
-        """Slicer's Python: offer to install what is missing. Another Python: the user set it up."""
+        """Slicer's Python: offer to install what the core needs. Another Python: the user set it up."""
         if not self.logic.environment.is_slicer_python:
             return True
         missing = missing_requirements(self.requirementsFile())
@@ -530,6 +630,14 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not missing:
             self.ui.environmentStatusLabel.text = "Slicer's Python has everything NNUNetCAM needs."
             return True
+        if not self.install(missing):
+            return False
+        self.ui.environmentStatusLabel.text = "Requirements installed in Slicer's Python."
+        return True
+
+    def install(self, missing):
+        """Install requirement lines in Slicer's Python: torch with the PyTorch extension when present, the rest
+        with pip. False (the error shown) when it failed."""
         installTorch = None
         try:
             import PyTorchUtils
@@ -550,7 +658,6 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not (slicerDialogs and isinstance(e, subprocess.CalledProcessError)):  # else Slicer has shown pip's log
                 slicer.util.errorDisplay(f'Installing the requirements failed: {e}', windowTitle='NNUNetCAM')
             return False
-        self.ui.environmentStatusLabel.text = "Requirements installed in Slicer's Python."
         return True
 
 

@@ -1,6 +1,7 @@
 """The Slicer module's logic (NNUNetCAMLib) against real MRML from the `slicer-core` wheel and the real core
 subprocess on the tiny model; the panel and self-test of NNUNetCAM.py in stand-ins for the Slicer app
 (slicer_standin.py); static checks of the module's files (.ui names, CMake lists, catalog entry)."""
+import contextlib
 import importlib.util
 import json
 import os
@@ -406,13 +407,15 @@ def load_module():
 
 
 def open_panel(module):
-    """As Slicer shows a module panel: the widget made in its parent, set up, then entered."""
-    parent = slicer_standin.qMRMLWidget()
-    parent.isEntered = True
-    widget = module.NNUNetCAMWidget(parent)
-    widget.setup()
-    widget.enter()
-    return widget
+    return slicer_standin.openPanel(module)
+
+
+def items(combo):
+    return [combo.itemText(i) for i in range(combo.count)]
+
+
+def log_lines(ui):
+    return ui.logTextEdit.toPlainText().splitlines()
 
 
 def test_panel_binds_the_parameter_node_through_its_lifecycle(app, scene, model3d, monkeypatch):
@@ -447,7 +450,7 @@ def test_panel_binds_the_parameter_node_through_its_lifecycle(app, scene, model3
     calls = []
     monkeypatch.setattr(widget.logic, 'run', lambda *args, **kwargs: calls.append((args, kwargs))
                         or types.SimpleNamespace(running=False, log=['core']))
-    ui.applyButton.clicked.emit(False)
+    ui.applyButton.click()
     (args, kwargs), = calls
     assert args[0] is b and (kwargs['device'], kwargs['tta'], kwargs['method']) == ('cpu', False, 'gradcam')
     assert (kwargs['displayOptions'].threshold, kwargs['displayOptions'].opacity) == (0.35, 0.8)
@@ -486,7 +489,8 @@ def test_every_bound_widget_has_the_annotation_its_connector_needs(app, scene):
     open_panel(module)
     _, mapping = app.connections[-1]
     has = lambda annotations, cls: any(isinstance(a, cls) for a in annotations)  # noqa: E731
-    needs = {'QComboBox': lambda kind, annotations: has(annotations, slicer_standin.Choice),
+    needs = {'QComboBox': lambda kind, annotations: has(annotations, slicer_standin.Choice) or (
+                 isinstance(kind, type) and issubclass(kind, slicer_standin.enum.Enum)),
              'ctkSliderWidget': lambda kind, annotations: kind is float and has(annotations, slicer_standin.WithinRange),
              'qMRMLNodeComboBox': lambda kind, annotations: issubclass(kind, slicer.vtkMRMLNode),
              'QCheckBox': lambda kind, annotations: kind is bool}
@@ -696,14 +700,14 @@ def test_panel_runs_a_two_channel_model_through_its_channel_selectors(app, scene
     app.runPending()
     assert ui.inputVolumeLabel.text == 'T1 volume:' and ui.channel1Label.text == 'T2 (channel 1):'
     assert ui.channel1Selector.visible and not ui.channel2Selector.visible
-    assert [item[0] for item in ui.targetClassComboBox.items] == ['lesion', 'cyst']
+    assert items(ui.targetClassComboBox) == ['lesion', 'cyst']
     ui.inputVolumeSelector.setCurrentNode(t1)
     ui.channel1Selector.setCurrentNode(t2)
     ui.targetClassComboBox.currentText = 'lesion'
     ui.deviceComboBox.currentText = 'cpu'
     ui.ttaCheckBox.checked = False
     assert ui.applyButton.enabled
-    ui.applyButton.clicked.emit(False)
+    ui.applyButton.click()
     app.runPending(seconds=300)
     assert app.slotErrors == [] and not [d for d in app.dialogs if d[0] == 'error'], app.dialogs
     assert ui.statusLabel.text.startswith('Done'), ui.statusLabel.text
@@ -843,6 +847,7 @@ def test_a_server_killed_mid_run_is_reported_and_adds_nothing(scene, input_volum
     logic = NNUNetCAMLogic(scene, temp_root=str(temp_root))
     try:
         logic.localServer.connect(model3d, 'cpu')
+        work = Path(logic.localServer.work)
         nodes = node_ids(scene)
         errors = []
         run = logic.run(input_volume, model3d, targetClass='lesion', folds=[0, 1], device='cpu', tta=True,
@@ -854,10 +859,11 @@ def test_a_server_killed_mid_run_is_reported_and_adds_nothing(scene, input_volum
             time.sleep(0.05)
         assert run.state == 'failed' and 'does not answer' in errors[0] and '\n' not in errors[0]
         assert node_ids(scene) == nodes and list(temp_root.iterdir()) == []
-        work = Path(logic.localServer.work)
+        # it did not answer: stopped, its own files removed, and the next run starts a new one
+        assert logic.localServer.process is None and not work.exists()
     finally:
         logic.cleanup()
-    assert not work.exists()  # killed mid-job, the server's own files go with the module's cleanup
+    assert not work.exists()
 
 
 def test_evaluation_is_refused_on_a_server(scene, input_volume, model3d):
@@ -880,7 +886,7 @@ def test_panel_computes_on_this_computer_and_explains_here(monkeypatch, scene, i
     node.inputVolume, node.device, node.tta, node.targetClass = input_volume, 'cpu', False, 'lesion'
     for box in widget._foldBoxes[1:]:
         box.checked = False
-    ui.applyButton.clicked.emit(False)
+    ui.applyButton.click()
     app.runPending(seconds=300)
     assert ui.statusLabel.text.startswith('Done'), (ui.statusLabel.text, app.dialogs)
     full = widget._run.result.sidecar
@@ -892,15 +898,15 @@ def test_panel_computes_on_this_computer_and_explains_here(monkeypatch, scene, i
     point = scene.AddNewNodeByClass('vtkMRMLMarkupsFiducialNode', 'here')
     point.AddControlPoint(*(volumes.ijk_to_ras(input_volume) @ np.array([*peak[::-1], 1]))[:3])
     node.targetPoint, node.pointRadiusMm = point, 5.0
-    ui.applyButton.clicked.emit(False)
+    ui.applyButton.click()
     app.runPending(seconds=300)
     here = widget._run.result.sidecar
     assert ui.statusLabel.text.startswith('Done') and widget.logic.localServer.process.pid == pid
     assert here['server']['target_mask'] == 'region' and here['tiles'] < full['tiles']
     node.targetPoint = None
     ui.computeOnComboBox.currentText = 'a new process per run'
-    assert node.computeOn == 'a new process per run'
-    ui.applyButton.clicked.emit(False)
+    assert node.computeOn.name == 'process'
+    ui.applyButton.click()
     app.runPending(seconds=300)
     assert ui.statusLabel.text.startswith('Done') and 'server' not in widget._run.result.sidecar
     widget.cleanup()
@@ -924,11 +930,11 @@ def test_a_server_that_cannot_start_says_why_and_the_panel_runs_a_process(monkey
     node.inputVolume, node.device, node.tta, node.targetClass = input_volume, 'cpu', False, 'lesion'
     monkeypatch.setattr(widget.logic.localServer, 'connect', lambda *a: (_ for _ in ()).throw(
         ServerStartError('the local explanation server did not start: No module named fastapi')))
-    ui.applyButton.clicked.emit(False)
+    ui.applyButton.click()
     app.runPending(seconds=300)
     assert ui.statusLabel.text.startswith('Done') and 'server' not in widget._run.result.sidecar
     assert any(line.endswith('No module named fastapi; running in a new process instead')
-               for line in ui.logTextEdit.lines)
+               for line in log_lines(ui))
     assert ui.serverStatusLabel.text == 'Server not started: the local explanation server did not start: No module ' \
                                         'named fastapi'
     widget.cleanup()
@@ -950,22 +956,22 @@ def test_panel_computes_on_a_remote_server_with_its_url_and_token_file(monkeypat
         ui, node = widget.ui, widget._parameterNode
         assert not ui.serverUrlLineEdit.visible and ui.modelFolderPathLineEdit.visible
         ui.computeOnComboBox.currentText = 'a server'
-        assert node.computeOn == 'a server' and ui.serverUrlLineEdit.visible and ui.serverModelComboBox.visible
+        assert node.computeOn.name == 'server' and ui.serverUrlLineEdit.visible and ui.serverModelComboBox.visible
         assert not ui.modelFolderPathLineEdit.visible and not ui.applyButton.enabled
         wrong = tmp_path / 'wrong'
         wrong.write_text('0' * 64)
         ui.serverUrlLineEdit.text = listening['url']
         ui.serverTokenFilePathLineEdit.currentPath = str(wrong)
-        ui.connectServerButton.clicked.emit(False)
+        ui.connectServerButton.click()
         assert 'Not connected: server: 401' in ui.serverStatusLabel.text and ui.serverModelComboBox.count == 0
         ui.serverTokenFilePathLineEdit.currentPath = str(token_file)
-        ui.connectServerButton.clicked.emit(False)
+        ui.connectServerButton.click()
         assert ui.serverStatusLabel.text.startswith(f'Server: {listening["url"]}')
         model = str(model3d.relative_to(results_dir))
         node.targetLayer = 'decoder.stages.1'  # saved from a local model: not offered for a server's model
         ui.serverModelComboBox.currentText = model
         assert ui.serverModelComboBox.currentText == model
-        assert [ui.targetClassComboBox.items[i][0] for i in range(ui.targetClassComboBox.count)] == \
+        assert items(ui.targetClassComboBox) == \
             ['lesion', 'organ'] and [b.text for b in widget._foldBoxes] == ['0', '1']
         assert ui.targetLayerComboBox.currentText == 'last decoder stage' and node.targetLayer == 'last_decoder'
         node.inputVolume, node.device, node.tta, node.targetClass = input_volume, 'cpu', False, 'lesion'
@@ -975,7 +981,7 @@ def test_panel_computes_on_a_remote_server_with_its_url_and_token_file(monkeypat
         node.evaluate = True  # runs on this computer only
         assert not ui.applyButton.enabled and 'run on this computer' in ui.applyButton.toolTip
         node.evaluate = False
-        ui.applyButton.clicked.emit(False)
+        ui.applyButton.click()
         app.runPending(seconds=300)
         assert ui.statusLabel.text.startswith('Done'), (ui.statusLabel.text, app.dialogs)
         result = widget._run.result
@@ -995,3 +1001,350 @@ def test_panel_computes_on_a_remote_server_with_its_url_and_token_file(monkeypat
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# ExtensionsIndex's .pre-commit-config.yaml (its prettier hook) and .prettierrc.js, at Slicer/ExtensionsIndex main
+PRETTIER = ('prettier@3.5.3', 'prettier-plugin-multiline-arrays@4.0.3')
+PRETTIERRC = ('module.exports = {plugins: [require.resolve("prettier-plugin-multiline-arrays")], '
+              'multilineArraysWrapThreshold: 0};\n')
+
+
+def prettier_dir() -> Path:
+    """The pinned prettier and plugin, installed from npm once into a cache named after their versions."""
+    node, npm = shutil.which('node'), shutil.which('npm')
+    if not node or not npm:
+        pytest.skip('node and npm are needed to run the ExtensionsIndex formatter (apt-get install nodejs npm)')
+    cache = Path.home() / '.cache' / 'nnunetcam' / ('prettier-' + '-'.join(p.replace('@', '-') for p in PRETTIER))
+    if not (cache / 'node_modules' / 'prettier' / 'bin' / 'prettier.cjs').is_file():
+        partial = cache.with_name(f'{cache.name}.{os.getpid()}.partial')
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        p = subprocess.run([npm, 'install', '--no-save', '--no-audit', '--no-fund', '--prefix', str(partial),
+                            *PRETTIER], capture_output=True, text=True, timeout=600)
+        if p.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            if any(s in p.stderr for s in ('ENOTFOUND', 'EAI_AGAIN', 'ECONNREFUSED', 'ETIMEDOUT', 'network')):
+                pytest.skip(f'npm registry unreachable: {p.stderr.strip().splitlines()[-1]}')
+            raise AssertionError(p.stderr[-2000:])
+        try:
+            partial.rename(cache)
+        except OSError:  # another test process got there first
+            shutil.rmtree(partial, ignore_errors=True)
+    return cache
+
+
+def test_catalog_entry_is_formatted_as_the_extensions_index_pre_commit_wants(tmp_path):
+    """Their prettier with prettier-plugin-multiline-arrays (wrap threshold 0): every non-empty array one item a
+    line. Runs offline once the packages are cached."""
+    cache = prettier_dir()
+    (tmp_path / '.prettierrc.js').write_text(PRETTIERRC)
+    entry = tmp_path / 'NNUNetCAM.json'
+    shutil.copy(ROOT / 'ExtensionsIndex' / 'NNUNetCAM.json', entry)
+    env = {**os.environ, 'NODE_PATH': str(cache / 'node_modules'), 'npm_config_offline': 'true'}
+    p = subprocess.run([shutil.which('node'), str(cache / 'node_modules' / 'prettier' / 'bin' / 'prettier.cjs'),
+                        '--config', str(tmp_path / '.prettierrc.js'), '--check', str(entry)],
+                       cwd=cache, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    # the check itself: a one-line array is refused
+    entry.write_text(entry.read_text().replace('[\n    "PyTorch"\n  ]', '["PyTorch"]'))
+    p = subprocess.run([shutil.which('node'), str(cache / 'node_modules' / 'prettier' / 'bin' / 'prettier.cjs'),
+                        '--config', str(tmp_path / '.prettierrc.js'), '--check', str(entry)],
+                       cwd=cache, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 1 and 'NNUNetCAM.json' in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize('regions', [None, {'kidney': [1, 2], 'tumor': [2]}], ids=['labels', 'regions'])
+def test_a_loaded_segmentation_is_shown(scene, tmp_path, regions):
+    """Labels and regions alike get a segmentation display node, visible in the slice views."""
+    arr = np.zeros((6, 7, 8), np.uint8)
+    arr[1:4, 2:5, 3:6], arr[2, 3, 4] = 1, 2
+    image = sitk.GetImageFromArray(arr)
+    sitk.WriteImage(image, str(tmp_path / 'seg.nii.gz'))
+    reference = volume_from_array(scene, arr.astype(np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]), 'ref')  # LPS file
+    node = volumes.load_segmentation(scene, tmp_path / 'seg.nii.gz', 'seg', reference,
+                                     {'background': 0, 'kidney': 1, 'tumor': 2}, regions)
+    assert node.GetSegmentation().GetNumberOfSegments() == 2
+    shown = node.GetDisplayNode()
+    assert shown is not None and shown.IsA('vtkMRMLSegmentationDisplayNode') and shown.GetVisibility()
+
+
+# --- the panel on the real-Qt harness: defects and risks of the second source check ---
+SERVER_REQUIREMENTS = MODULE / 'Resources' / 'server-requirements.txt'
+
+
+@pytest.mark.parametrize('python', ['3.9', '3.12'])  # Slicer 5.8 ships 3.9; 5.10 and main 3.12
+def test_requirements_resolve_for_slicers_pythons(python, tmp_path):
+    """Every line that applies to that Python (its marker) resolves on the package index; the core's lines apply
+    everywhere, the server's where fastapi installs (3.11 and later), so 5.8 runs a process per run."""
+    from packaging.requirements import Requirement
+    from NNUNetCAMLib.environment import requirement_lines
+    environment = {'python_version': python, 'python_full_version': f'{python}.0'}
+    core = [Requirement(line) for line in requirement_lines(MODULE / 'Resources' / 'requirements.txt')]
+    server = [Requirement(line) for line in requirement_lines(SERVER_REQUIREMENTS)]
+    assert {r.name for r in core} == {'torch', 'torchvision', 'nnunetv2', 'grad-cam'}
+    assert {r.name for r in server} == {'fastapi', 'uvicorn', 'python-multipart'}
+    assert all(r.marker is None for r in core)
+    applies = [r for r in core + server if r.marker is None or r.marker.evaluate(environment)]
+    assert ({r.name for r in applies} & {r.name for r in server}) == (set() if python == '3.9' else
+                                                                       {r.name for r in server})
+    for r in applies:
+        p = subprocess.run([sys.executable, '-m', 'pip', 'install', '--dry-run', '--no-deps', '--ignore-installed',
+                            '--python-version', python, '--target', str(tmp_path / 'target'), '--quiet',
+                            '--report', str(tmp_path / 'report.json'), str(r).split(';')[0]],
+                           capture_output=True, text=True, timeout=600)
+        if p.returncode and any(s in p.stderr for s in ('NewConnectionError', 'Temporary failure in name resolution',
+                                                        'Max retries exceeded')):
+            pytest.skip(f'the package index is unreachable: {p.stderr.strip().splitlines()[-1]}')
+        assert p.returncode == 0, (python, str(r), p.stderr[-1000:])
+        (found,) = json.loads((tmp_path / 'report.json').read_text())['install']
+        requires = found['metadata'].get('requires_python')
+        assert not requires or python + '.0' in __import__('packaging.specifiers').specifiers.SpecifierSet(requires)
+
+
+def panel_with_model(app, model, version_module=None):
+    widget = open_panel(version_module or load_module())
+    widget.ui.modelFolderPathLineEdit.currentPath = str(model)
+    app.runPending()
+    return widget
+
+
+def ready_panel(monkeypatch, scene, tmp_path, model, volume):
+    """The panel with a model and a volume, on the CPU, one fold, no TTA: ready to Apply."""
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    widget = panel_with_model(app, model)
+    node = widget._parameterNode
+    node.inputVolume, node.device, node.tta, node.targetClass = volume, 'cpu', False, 'lesion'
+    for box in widget._foldBoxes[1:]:
+        box.checked = False
+    return app, widget
+
+
+def record_runs(monkeypatch, widget):
+    calls = []
+    monkeypatch.setattr(widget.logic, 'run', lambda *args, **kwargs: calls.append((args, kwargs))
+                        or types.SimpleNamespace(running=False, log=['core']))
+    return calls
+
+
+def test_on_a_python_where_the_server_does_not_install_each_run_is_a_process(monkeypatch, scene, tmp_path, model3d):
+    """Slicer 5.8's Python 3.9: the local server's packages do not install there; Apply asks nothing, installs
+    nothing, says why in one log line and runs a process."""
+    import platform
+    app = install_app(monkeypatch, scene, tmp_path, '5.8')
+    widget = panel_with_model(app, model3d)
+    node = widget._parameterNode
+    node.inputVolume = volume_from_array(scene, np.zeros((4, 5, 6), np.float32), np.eye(4), 'CT')
+    monkeypatch.setattr(platform, 'python_version', lambda: '3.9.21')
+    monkeypatch.setattr(platform, 'python_version_tuple', lambda: ('3', '9', '21'))
+    calls = record_runs(monkeypatch, widget)
+    assert node.computeOn.name == 'local' and widget.ui.applyButton.enabled
+    widget.ui.applyButton.click()
+    (_, kwargs), = calls
+    assert kwargs['server'] is None
+    why = [line for line in log_lines(widget.ui) if 'running in a new process instead' in line]
+    assert len(why) == 1 and 'do not install in Python 3.9' in why[0] and 'fastapi' in why[0], log_lines(widget.ui)
+    assert [kind for kind, _ in app.dialogs if kind in ('confirm', 'pip')] == [] and app.slotErrors == []
+
+
+def test_the_local_servers_packages_are_installed_when_it_is_first_used(monkeypatch, scene, tmp_path, model3d):
+    """Where they install but are missing: asked once the server is wanted; Cancel runs a process, OK installs
+    them with pip (not with the core's requirements)."""
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    module = load_module()
+    widget = panel_with_model(app, model3d, module)
+    widget._parameterNode.inputVolume = volume_from_array(scene, np.zeros((4, 5, 6), np.float32), np.eye(4), 'CT')
+    real = module.missing_requirements
+    monkeypatch.setattr(module, 'missing_requirements', lambda file: real(file) or (
+        ['fastapi>=0.165 ; python_version >= "3.11"'] if Path(file).name == 'server-requirements.txt' else []))
+    calls = record_runs(monkeypatch, widget)
+    app.answers.append(False)
+    widget.ui.applyButton.click()
+    assert calls[-1][1]['server'] is None and [k for k, _ in app.dialogs] == ['confirm']
+    assert 'fastapi' in app.dialogs[0][1] and 'torch' not in app.dialogs[0][1]
+    app.answers.append(True)
+    widget.ui.applyButton.click()
+    assert calls[-1][1]['server'] == 'local'
+    pip = [args for kind, args in app.dialogs if kind == 'pip']
+    assert len(pip) == 1 and pip[0][2:] == ['fastapi>=0.165 ; python_version >= "3.11"'] and app.slotErrors == []
+
+
+def test_remote_mode_installs_nothing_and_asks_nothing(monkeypatch, scene, tmp_path, results_dir, model3d):
+    from conftest import start_server
+    proc, listening = start_server(results_dir, tmp_path)
+    try:
+        app = install_app(monkeypatch, scene, tmp_path, '5.8')
+        module = load_module()
+        monkeypatch.setattr(module, 'missing_requirements', lambda file: ['torch>=2.1', 'nnunetv2>=2.5'])
+        widget = open_panel(module)
+        ui, node = widget.ui, widget._parameterNode
+        ui.computeOnComboBox.currentText = 'a server'
+        ui.serverUrlLineEdit.text = listening['url']
+        ui.serverTokenFilePathLineEdit.currentPath = str(tmp_path / 'token')
+        ui.connectServerButton.click()
+        ui.serverModelComboBox.currentText = str(model3d.relative_to(results_dir))
+        node.inputVolume = volume_from_array(scene, np.zeros((4, 5, 6), np.float32), np.eye(4), 'CT')
+        calls = record_runs(monkeypatch, widget)
+        assert ui.applyButton.enabled
+        ui.applyButton.click()
+        (_, kwargs), = calls
+        assert kwargs['server'] is widget._connection
+        assert [kind for kind, _ in app.dialogs if kind in ('confirm', 'pip')] == [] and app.slotErrors == []
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_dead_or_hanging_local_server_does_not_break_apply(monkeypatch, scene, input_volume, model3d, tmp_path):
+    """Died: the next Apply starts it again (one log line) and runs. Hangs: Apply returns at once, the run fails
+    when the server does not answer, and the next Apply starts a new server."""
+    import signal
+    app, widget = ready_panel(monkeypatch, scene, tmp_path, model3d, input_volume)
+    ui = widget.ui
+    server, hung = widget.logic.localServer, None
+    try:
+        server.connect(model3d, 'cpu')
+        dead = server.process.pid
+        server.process.cancel()  # the server dies
+        assert ui.applyButton.enabled, ui.applyButton.toolTip
+        ui.applyButton.click()
+        app.runPending(seconds=300)
+        assert ui.statusLabel.text.startswith('Done'), (ui.statusLabel.text, app.dialogs, app.slotErrors)
+        assert 'The server on this computer had stopped; starting it again' in log_lines(ui)
+        assert server.process.pid != dead and app.slotErrors == []
+        hung = server.process.pid
+        os.kill(hung, signal.SIGSTOP)  # alive, and answers nothing
+        server.connection.client.timeout = 3  # its configured timeout, short for the test
+        t0 = time.monotonic()
+        ui.applyButton.click()
+        assert time.monotonic() - t0 < 1.0 and ui.applyButton.text == 'Cancel'
+        app.runPending(seconds=60)
+        assert ui.statusLabel.text == 'Failed; see the log.' and 'does not answer' in app.dialogs[-1][1]
+        assert server.process is None  # stopped: the next run starts a new one
+        ui.applyButton.click()
+        app.runPending(seconds=300)
+        assert ui.statusLabel.text.startswith('Done') and server.process.pid not in (dead, hung)
+        assert app.slotErrors == []
+    finally:
+        if hung:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGKILL)
+        widget.cleanup()
+
+
+def test_reentering_in_server_mode_keeps_the_mode_and_runs_no_local_core(monkeypatch, scene, tmp_path, model3d):
+    """On enter() the connector empties and refills Compute on (passing 'this computer'): no local --list-layers,
+    the chosen class kept, the server's widgets still shown."""
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    widget = panel_with_model(app, model3d)
+    ui, node = widget.ui, widget._parameterNode
+    ui.computeOnComboBox.currentText = 'a server'
+    node.targetClass = 'organ'
+    widget.exit()
+    calls = []
+    real = widget.logic.callCore
+    monkeypatch.setattr(widget.logic, 'callCore', lambda args, *a, **k: calls.append(args) or real(args, *a, **k))
+    widget.enter()
+    app.runPending()
+    assert not [c for c in calls if '--list-layers' in c], calls
+    assert node.computeOn.name == 'server' and node.targetClass == 'organ'
+    assert ui.serverUrlLineEdit.visible and not ui.modelFolderPathLineEdit.visible and app.slotErrors == []
+
+
+def test_a_model_folder_that_loads_goes_into_the_recent_folders(monkeypatch, scene, tmp_path, model3d):
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    widget = panel_with_model(app, model3d)
+    assert widget._info is not None
+    assert app.settings['ctkPathLineEdit/NNUNetCAM/recentModelFolders'] in ([str(model3d)], str(model3d))
+    assert open_panel(load_module()).ui.modelFolderPathLineEdit.history() == [str(model3d)]  # the next session
+    widget.ui.modelFolderPathLineEdit.currentPath = str(tmp_path)  # not a model: not remembered
+    assert open_panel(load_module()).ui.modelFolderPathLineEdit.history() == [str(model3d)]
+
+
+def test_clearing_the_model_folder_drops_the_model(monkeypatch, scene, tmp_path, model3d):
+    """ctkPathLineEdit says nothing on currentPathChanged for an empty field: Apply must not run the old model."""
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    widget = panel_with_model(app, model3d)
+    widget._parameterNode.inputVolume = volume_from_array(scene, np.zeros((4, 5, 6), np.float32), np.eye(4), 'CT')
+    assert widget.ui.applyButton.enabled
+    widget.ui.modelFolderPathLineEdit.currentPath = ''
+    assert not widget.ui.applyButton.enabled and widget._parameterNode.modelFolder == ''
+    assert widget.ui.targetClassComboBox.count == 0 and app.slotErrors == []
+
+
+def test_fold_spread_needs_two_folds(monkeypatch, scene, tmp_path, model3d):
+    app = install_app(monkeypatch, scene, tmp_path, 'main')
+    widget = panel_with_model(app, model3d)
+    ui, node = widget.ui, widget._parameterNode
+    node.inputVolume = volume_from_array(scene, np.zeros((4, 5, 6), np.float32), np.eye(4), 'CT')
+    node.foldSpread = True
+    assert ui.applyButton.enabled  # folds 0 and 1
+    widget._foldBoxes[1].checked = False
+    assert not ui.applyButton.enabled and 'two folds' in ui.applyButton.toolTip
+    node.foldSpread = False
+    assert ui.applyButton.enabled and app.slotErrors == []
+
+
+def test_apply_cannot_be_clicked_again_while_the_server_starts(monkeypatch, scene, input_volume, model3d, tmp_path):
+    """The server's start processes events for seconds: a second click then (a real click, queued in Qt's event
+    loop) starts nothing; one server, one run."""
+    from PyQt5.QtCore import Qt as QtKeys
+    from PyQt5.QtTest import QTest
+    app, widget = ready_panel(monkeypatch, scene, tmp_path, model3d, input_volume)
+    ui = widget.ui
+    seen, starts = [], []
+    connect = widget.logic.localServer.connect
+    monkeypatch.setattr(widget.logic.localServer, 'connect', lambda *a: starts.append(1) or connect(*a))
+
+    def click_again():
+        seen.append((ui.applyButton.enabled, ui.applyButton.text))
+        QTest.mouseClick(ui.applyButton, QtKeys.LeftButton)
+    slicer_standin.QtCore.QTimer.singleShot(300, click_again)
+    try:
+        QTest.mouseClick(ui.applyButton, QtKeys.LeftButton)
+        app.runPending(seconds=300)
+        assert seen == [(False, 'Starting...')] and len(starts) == 1
+        assert ui.statusLabel.text.startswith('Done') and app.slotErrors == []
+    finally:
+        widget.cleanup()
+
+
+def test_the_panel_says_which_region_is_explained(app, scene):
+    """A segment wins over an ROI, an ROI over a point: the panel says so, and Apply passes that one alone."""
+    widget = open_panel(load_module())
+    ui, node = widget.ui, widget._parameterNode
+    reference = volume_from_array(scene, np.zeros((6, 7, 8), np.float32), np.eye(4), 'CT')
+    box = np.zeros((6, 7, 8), np.uint8)
+    box[1:3, 2:4, 3:5] = 1
+    labelmap = volume_from_array(scene, box, np.eye(4), 'box', label=True)
+    segmentation = scene.AddNewNodeByClass('vtkMRMLSegmentationNode', 'lesions')
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    roi = scene.AddNewNodeByClass('vtkMRMLMarkupsROINode', 'box')
+    node.targetRoi = roi
+    assert 'else the ROI' in ui.targetRuleLabel.text and node.inputVolume is reference
+    ui.targetSegmentSelector.setCurrentNode(segmentation)  # with None offered, no segment is chosen yet
+    assert ui.targetSegmentSelector.currentSegmentID() == '' and 'else the ROI' in ui.targetRuleLabel.text
+    segment = segmentation.GetSegmentation().GetNthSegmentID(0)
+    ui.targetSegmentSelector.setCurrentSegmentID(segment)
+    assert ui.targetSegmentSelector.currentSegmentID() == segment
+    assert ui.targetRuleLabel.text == 'The segment is explained; the ROI ignored.'
+    ui.targetSegmentSelector.setCurrentNode(None)
+    node.targetPoint = scene.AddNewNodeByClass('vtkMRMLMarkupsFiducialNode', 'here')
+    assert ui.targetRuleLabel.text == 'The ROI is explained; the point ignored.' and app.slotErrors == []
+
+
+def test_saved_scenes_hold_stable_keys_not_labels(app, scene, tmp_path):
+    """Compute on is saved by its name: a scene saved before a label changes still opens."""
+    module = load_module()
+    widget = open_panel(module)
+    widget.ui.computeOnComboBox.currentText = 'a server'
+    assert widget._parameterNode.parameterNode.GetParameter('computeOn') == 'server'
+    widget.exit()
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        monkeypatch.setattr(module.ComputeOn, 'label', lambda self: {'server': 'a remote server'}.get(self.name,
+                                                                                                      self.value))
+        widget.enter()
+        assert widget.ui.computeOnComboBox.currentText == 'a remote server' and widget.remote()
+        assert widget._parameterNode.computeOn is module.ComputeOn.server and app.slotErrors == []
+    finally:
+        monkeypatch.undo()

@@ -2,6 +2,7 @@
 such as the environment where they trained nnU-Net. The bundled core goes first on that Python's PYTHONPATH."""
 import json
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -85,16 +86,33 @@ class PythonEnvironment:
                                    f'{info["versions"].get("torch")}; devices: {devices}'}
 
 
+def requirement_lines(requirements_file: Path) -> List[str]:
+    """The requirement lines of a requirements file, without comments."""
+    return [line for line in (raw.split('#')[0].strip() for raw in Path(requirements_file).read_text().splitlines())
+            if line]
+
+
+def _applies(requirement) -> bool:
+    """Its environment marker holds for this Python (read now: packaging caches its own default environment)."""
+    python = platform.python_version()
+    return requirement.marker is None or requirement.marker.evaluate(
+        {'python_version': '.'.join(python.split('.')[:2]), 'python_full_version': python})
+
+
+def excluded_requirements(requirements_file: Path) -> List[str]:
+    """Lines whose environment marker leaves this Python out: they do not install here."""
+    from packaging.requirements import Requirement
+    return [line for line in requirement_lines(requirements_file) if not _applies(Requirement(line))]
+
+
 def missing_requirements(requirements_file: Path) -> List[str]:
-    """Lines of requirements.txt that this (Slicer's) Python does not satisfy."""
+    """Lines of a requirements file that this (Slicer's) Python does not satisfy (those its markers leave out
+    excepted)."""
     from packaging.requirements import Requirement
     missing = []
-    for line in Path(requirements_file).read_text().splitlines():
-        line = line.split('#')[0].strip()
-        if not line:
-            continue
+    for line in requirement_lines(requirements_file):
         req = Requirement(line)
-        if req.marker is not None and not req.marker.evaluate():
+        if not _applies(req):
             continue
         try:
             have = version(req.name)

@@ -314,6 +314,7 @@ class NNUNetCAMLogic:
                              'without a server')
         if server == 'local':
             self.localServer.environment = self.environment  # the Python chosen now
+            onError = self._restart_server_after(onError)
         connection = self.localServer.connect(modelFolder, device, self.event_pump) if server == 'local' else server
         info = connection.model_info('.' if server == 'local' else modelFolder) if connection else \
             model_info(modelFolder)
@@ -382,6 +383,15 @@ class NNUNetCAMLogic:
     def cancel(self) -> None:
         if self.current is not None:
             self.current.cancel()
+
+    def _restart_server_after(self, onError):
+        """A local server that did not answer (it died or hangs) is stopped, so the next run starts a new one."""
+        def report(message):
+            if getattr(self.current.process, 'unreachable', False):
+                self.localServer.shutdown()
+            if onError:
+                onError(message)
+        return report
 
     def _schedule(self, run: CamRun) -> None:
         def tick():

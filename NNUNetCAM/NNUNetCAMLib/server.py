@@ -102,6 +102,7 @@ class LocalServer:
         self.connection = ServerConnection(listening['url'],
                                            listening.get('token') or token_file.read_text().strip())
         shutil.rmtree(token_dir, ignore_errors=True)  # the connection holds it; nothing stays on disk
+        self.connection.models()  # asked once, now it answers: a run reads the model from this list, not the network
         return self.connection
 
     def shutdown(self) -> None:
@@ -140,6 +141,8 @@ class ServerRun:
         self._cancel = threading.Event()
         self._rc: Optional[int] = None
         self.cancelled = False
+        self.unreachable = False  # the server did not answer (died or hangs)
+        self.status: Optional[str] = None  # what the server holds after the job, asked on this run's thread
         self._thread = threading.Thread(target=self._run, args=(case_key, files, mask, model, request), daemon=True)
         self._thread.start()
 
@@ -158,13 +161,20 @@ class ServerRun:
             job = client.wait(self._job, self._events.put)
             if job['status'] != 'done':
                 raise RuntimeError(job['error'] or f'the server {job["status"]} the job')
+            if self._cancel.is_set():
+                raise RuntimeError('cancelled')
             self.out.mkdir(parents=True, exist_ok=True)
             client.download(self._job, self.out, job['files'])
             client.cancel(self._job)  # its files are here now
             if mask is not None:
                 client.delete_case(request['region']['mask'])
+            try:
+                self.status = self.connection.status()
+            except Exception:  # the results are here; the status line just stays
+                pass
             self._rc = 0
         except Exception as e:
+            self.unreachable = isinstance(e.__cause__ or e.__context__, OSError)  # requests' errors are OSErrors
             if not self._cancel.is_set():
                 self._events.put({'event': 'error', 'message': str(e)})
             self._rc = 1
@@ -182,12 +192,16 @@ class ServerRun:
         return None if self._thread.is_alive() else self._rc
 
     def cancel(self, grace_s: float = 2.0) -> None:
-        """The server stops the job within a tile; nothing is downloaded."""
+        """The server stops the job within a tile; nothing is downloaded after this (the thread, should it still
+        wait on the server, ends on its own)."""
         self.cancelled = True
         self._cancel.set()
         if self._job is not None:
             try:
+                timeout, self.connection.client.timeout = self.connection.client.timeout, grace_s
                 self.connection.client.cancel(self._job)
-            except Exception:  # the server is gone: nothing runs there
+            except Exception:  # the server is gone or hangs: its job ends with it
                 pass
-        self._thread.join(grace_s + 5)
+            finally:
+                self.connection.client.timeout = timeout
+        self._thread.join(grace_s)

@@ -98,6 +98,7 @@ def load_segmentation(scene, path: Path, name: str, reference, labels: Dict[str,
                 segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), image)
                 if not seg.AddSegment(segment, region):
                     raise ValueError(f'could not import region {region!r} of {Path(path).name}')
+            segmentation.CreateDefaultDisplayNodes()  # as ImportLabelmapToSegmentationNode does for labels
             return segmentation
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
             raise ValueError(f'could not import {Path(path).name} as a segmentation')
