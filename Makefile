@@ -8,12 +8,12 @@ demo:
 	@V=$$(bash scripts/venv.sh) && "$$V/bin/python" -m nnunetv2_cam_core.demo -o demo_output
 
 test:
-	@V=$$(bash scripts/venv.sh) && "$$V/bin/python" -m pytest -q -rs Testing
+	@V=$$(bash scripts/venv.sh) && bash scripts/qt_libs.sh "$$V" && "$$V/bin/python" -m pytest -q -rs Testing
 
 # the suite as on a new machine: tiny models trained anew into an empty temporary cache (the venv is reused);
 # NNUNETCAM_TINY_SEED=N trains other models from other data
 test-fresh:
-	@V=$$(bash scripts/venv.sh) && T=$$(mktemp -d) && trap 'rm -rf "$$T"' EXIT && \
+	@V=$$(bash scripts/venv.sh) && bash scripts/qt_libs.sh "$$V" && T=$$(mktemp -d) && trap 'rm -rf "$$T"' EXIT && \
 		NNUNETCAM_MODEL_CACHE="$$T" "$$V/bin/python" -m pytest -q -rs Testing
 
 # the cohort split on a real SLURM: Debian's slurm-wlm and munge (installed if missing; root), one node on localhost
