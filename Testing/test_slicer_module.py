@@ -587,9 +587,13 @@ def test_lib_imports_without_qt_ctk_or_the_app(model3d):
 def test_cmake_lists_every_script_and_resource():
     module_cmake = (MODULE / 'CMakeLists.txt').read_text().replace('${MODULE_NAME}', 'NNUNetCAM')
     scripts = {p.relative_to(MODULE).as_posix() for p in MODULE.rglob('*.py') if '__pycache__' not in p.parts}
-    core = {p.relative_to(ROOT).as_posix() for p in (ROOT / 'nnunetv2_cam_core').glob('*.py')}
+    core = {p.relative_to(ROOT).as_posix() for p in (ROOT / 'nnunetv2_cam_core').rglob('*.py')
+            if '__pycache__' not in p.parts}
     listed = set(re.findall(r'^\s+(\S+\.(?:py|png|ui|txt))\s*$', module_cmake, re.M))
     assert scripts | core <= listed, f'not listed: {sorted((scripts | core) - listed)}'
+    # and nothing listed that is gone (CMake would fail the extension's build)
+    gone = [f for f in listed if f.endswith('.py') and not (MODULE / f).is_file() and not (ROOT / f).is_file()]
+    assert not gone, f'listed but missing: {gone}'
     for resource in (r for r in listed if not r.endswith('.py')):
         assert (MODULE / resource).is_file(), resource
     assert 'WITH_GENERIC_TESTS' in module_cmake and 'slicerMacroBuildScriptedModule' in module_cmake
