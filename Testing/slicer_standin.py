@@ -198,10 +198,11 @@ class QTimer(PythonQtObject, QtCore.QTimer):
     def singleShot(ms, callback):
         """PythonQt's QTimer.singleShot(msec, callable) (PythonQtStdDecorators.cpp): the callable runs in Qt's event
         loop after msec, on the main thread."""
-        APP.pending += 1
+        app = APP  # the app of the test that scheduled it: a timer left by an earlier test counts there
+        app.pending += 1
 
         def fire():
-            APP.pending -= 1
+            app.pending -= 1
             _call(callback, ())
         QtCore.QTimer.singleShot(ms, fire)
 

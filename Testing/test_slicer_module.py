@@ -711,8 +711,11 @@ def test_panel_runs_a_two_channel_model_through_its_channel_selectors(app, scene
     ui.deviceComboBox.currentText = 'cpu'
     ui.ttaCheckBox.checked = False
     assert ui.applyButton.enabled
-    ui.applyButton.click()
-    app.runPending(seconds=300)
+    try:
+        ui.applyButton.click()
+        app.runPending(seconds=300)
+    finally:
+        widget.cleanup()  # the server it started on this computer
     assert app.slotErrors == [] and not [d for d in app.dialogs if d[0] == 'error'], app.dialogs
     assert ui.statusLabel.text.startswith('Done'), ui.statusLabel.text
     cam = widget._parameterNode.camVolume
