@@ -545,7 +545,8 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFinished(self, result):
         self.ui.progressBar.hide()
         sanity = evaluation.sanity_lines(result.sidecar)
-        self.ui.statusLabel.text = (f'Done in {time.monotonic() - self._started:.0f} s: '
+        held = ' (case already on the server)' if getattr(self._run.process, 'held', False) else ''
+        self.ui.statusLabel.text = (f'Done in {time.monotonic() - self._started:.0f} s{held}: '
                                     f'{", ".join(node.GetName() for node in result.nodes())}'
                                     + ''.join(f'\n{line}' for line in sanity))
         self._parameterNode.camVolume = next(iter(result.cams.values()))

@@ -989,6 +989,11 @@ def test_panel_computes_on_a_remote_server_with_its_url_and_token_file(monkeypat
         cam = result.cams['lesion']
         assert cam.GetImageData().GetDimensions() == input_volume.GetImageData().GetDimensions()
         assert '1 case(s) uploaded' in ui.serverStatusLabel.text
+        uploads = widget._connection.client.health()['counters']['uploads']
+        ui.applyButton.click()  # the same volume again: not written, not sent
+        app.runPending(seconds=300)
+        assert ui.statusLabel.text.startswith('Done') and '(case already on the server)' in ui.statusLabel.text
+        assert widget._connection.client.health()['counters']['uploads'] == uploads
         assert app.settings['NNUNetCAM/serverUrl'] == listening['url']
         assert app.settings['NNUNetCAM/serverTokenFile'] == str(token_file)
         assert token not in json.dumps(app.settings)
@@ -1348,3 +1353,42 @@ def test_saved_scenes_hold_stable_keys_not_labels(app, scene, tmp_path):
         assert widget._parameterNode.computeOn is module.ComputeOn.server and app.slotErrors == []
     finally:
         monkeypatch.undo()
+
+
+def test_a_case_the_server_holds_is_neither_written_nor_sent_again(monkeypatch, scene, input_volume, model3d,
+                                                                    tmp_path):
+    """Server mode: the volume's voxels and geometry are hashed in memory. Another Apply on the same volume writes no
+    file and sends nothing (the server counts no upload) and says the case is already there; one changed voxel is
+    another case, sent; a case the server dropped is sent again, without an error."""
+    temp_root = tmp_path / 'tmp'
+    temp_root.mkdir()
+    logic = NNUNetCAMLogic(scene, temp_root=str(temp_root))
+    written, write_case = [], volumes.write_case
+    monkeypatch.setattr(volumes, 'write_case', lambda *a: written.append(a[3]) or write_case(*a))
+    common = dict(targetClass='lesion', layers=['last_decoder'], folds=[0], device='cpu', tta=False, server='local')
+
+    def run():
+        progress = []
+        result = logic.run(input_volume, model3d, onProgress=lambda f, text: progress.append(text), **common)
+        return result, progress, logic.localServer.connection.client.health()['counters']['uploads']
+    try:
+        first, progress, uploads = run()
+        assert len(written) == 1 and not logic.current.process.held and 'Sending the case to the server' in progress
+        again, progress, now = run()
+        assert now == uploads and len(written) == 1  # nothing written, nothing sent
+        assert logic.current.process.held and 'Case already on the server' in progress
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(again.cams['lesion']),
+                                      slicer.util.arrayFromVolume(first.cams['lesion']))
+        slicer.util.arrayFromVolume(input_volume)[0, 0, 0] += 1  # one voxel
+        slicer.util.arrayFromVolumeModified(input_volume)
+        _, progress, now = run()
+        assert now == uploads + 1 and len(written) == 2 and not logic.current.process.held
+        client = logic.localServer.connection.client
+        for case in set(logic.localServer.connection.cases.values()):  # as --case-ttl-s or --uploads-mb drop them
+            client.delete_case(case)
+        dropped, progress, now = run()
+        assert now == uploads + 2 and len(written) == 3 and 'Sending the case to the server' in progress
+        assert dropped.cams['lesion'].GetImageData().GetDimensions() == input_volume.GetImageData().GetDimensions()
+        assert list(temp_root.iterdir()) == []
+    finally:
+        logic.cleanup()

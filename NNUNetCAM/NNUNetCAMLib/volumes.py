@@ -1,5 +1,6 @@
 """Volumes to files for the core, and the core's files back to nodes with the input's exact geometry.
 MRML only (works with the `slicer-core` wheel): storage nodes write and read, no slicer.util loaders that need the app."""
+import hashlib
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -30,6 +31,33 @@ def write_volume(node, path: Path) -> None:
     storage.SetUseCompression(True)
     if not storage.WriteData(node) or not Path(path).is_file():
         raise OSError(f'could not write {node.GetName()!r} to {path}; check free disk space and permissions')
+
+
+class CaseContent:
+    """What write_case writes, known without writing it: each channel's voxels (read in place), their type and shape,
+    and the IJK-to-RAS written with them (parent transforms are not written). key() may run on another thread."""
+
+    def __init__(self, channels, ending: str):
+        self.ending, self._parts = ending, []
+        for node in channels:
+            image = node.GetImageData()
+            if image is None:
+                raise ValueError(f'volume {node.GetName()!r} has no voxels; load an image into it first')
+            self._parts.append((node, image, slicer.util.arrayFromVolume(node), ijk_to_ras(node), image.GetMTime()))
+
+    def key(self) -> Optional[str]:
+        """sha256 of the channels in order; None if a volume changed while it was read."""
+        digest = hashlib.sha256(self.ending.encode())
+        for _, _, voxels, matrix, _ in self._parts:
+            digest.update(f'{voxels.dtype.str} {voxels.shape} '.encode() + matrix.tobytes())
+            digest.update(np.ascontiguousarray(voxels))  # hashlib lets go of the GIL for large buffers
+        return digest.hexdigest() if self.unchanged(geometry=False) else None
+
+    def unchanged(self, geometry: bool = True) -> bool:
+        """The voxels (and the IJK-to-RAS, which only the caller's thread reads) are still those read."""
+        return all(image.GetMTime() == mtime and node.GetImageData() is image and
+                   (not geometry or np.array_equal(ijk_to_ras(node), matrix))
+                   for node, image, _, matrix, mtime in self._parts)
 
 
 def write_case(folder: Path, channels, ending: str, case: str) -> list:
