@@ -1392,3 +1392,20 @@ def test_a_case_the_server_holds_is_neither_written_nor_sent_again(monkeypatch, 
         assert list(temp_root.iterdir()) == []
     finally:
         logic.cleanup()
+
+
+def test_an_unexpected_error_in_a_slot_is_shown_in_a_dialog(app, scene, tmp_path):
+    """Slots run in slicer.util.tryWithErrorDisplay, as SlicerMONAIAuto3DSeg's do: an error nobody expected (here a
+    chosen Python that is not executable) is shown to the user, not only printed in the Python console."""
+    widget = open_panel(load_module())
+    python = tmp_path / 'python'
+    python.write_text('not a program')
+    python.chmod(0o644)
+    widget.ui.customPythonRadioButton.checked = True
+    widget.ui.pythonPathLineEdit.currentPath = str(python)
+    widget.ui.checkEnvironmentButton.click()
+    errors = [text for kind, text in app.dialogs if kind == 'error']
+    assert len(errors) == 1 and errors[0].startswith('Failed to check the Python environment.') and \
+        'Permission denied' in errors[0]
+    assert len(app.slotErrors) == 1  # re-raised, as tryWithErrorDisplay does, so PythonQt prints it too
+    widget.cleanup()
