@@ -742,8 +742,8 @@ def test_cascade_model_folder_just_works_and_progress_shows_both_stages(scene, t
 
 
 def test_evaluation_loads_a_table_the_curves_in_a_plot_and_the_fold_spread(scene, model3d, small_case, tmp_path):
-    """evaluate=True: the numbers in a table node, the curves in a plot chart shown in the layout, a sanity line;
-    foldSpread=True: one more volume per class on the input's grid, with its own legend."""
+    """evaluate=True: the numbers in a table node, the curves in a plot chart (the user's layout kept: a note names
+    the chart), a sanity line; foldSpread=True: one more volume per class on the input's grid, with its own legend."""
     volume = load_volume(scene, small_case, 'Small scan')
     layout = scene.AddNewNodeByClass('vtkMRMLLayoutNode')
     layout.SetViewArrangement(layout.SlicerLayoutFourUpView)
@@ -766,7 +766,9 @@ def test_evaluation_loads_a_table_the_curves_in_a_plot_and_the_fold_spread(scene
     curves = series[0].GetTableNode().GetTable()
     assert curves.GetNumberOfRows() == 5
     assert [curves.GetColumnByName('lesion deletion').GetValue(i) for i in range(5)] == pytest.approx(e['deletion'])
-    assert layout.GetViewArrangement() != layout.SlicerLayoutFourUpView  # switched to a layout with a plot view
+    assert layout.GetViewArrangement() == layout.SlicerLayoutFourUpView  # kept: it has no plot view
+    assert f'the deletion and insertion curves are in the plot chart "{chart.GetName()}": choose a layout with a ' \
+           f'plot view to see them' in result.notes
     assert any(n.startswith('lesion: OK: the map passes the sanity check') or n.startswith('lesion: WARNING')
                for n in result.notes)
     spread = result.foldSpread['lesion']

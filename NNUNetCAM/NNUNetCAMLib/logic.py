@@ -440,7 +440,7 @@ class NNUNetCAMLogic:
                 chart = evaluation.add_curves(self.scene, sidecar, f'{name} {method}', added)
                 notes += evaluation.sanity_lines(sidecar)
             if chart is not None and self.plots_logic is not None:
-                self.plots_logic.ShowChartInLayout(chart)  # first: it may switch the layout's slice views
+                notes += self._show_chart(chart)  # first: in the app it may change the slice views
             first = next(iter(cams.values()))
             display.show_in_slice_views(self.scene, inputVolume, first, options.opacity)
             if options.volume_rendering:
@@ -456,3 +456,15 @@ class NNUNetCAMLogic:
             if stats.get('raw_max') == 0:
                 notes.append(f'{label}: no voxels were predicted as {label}, so its CAM is empty')
         return CamResult(segmentation, cams, sidecar, notes, table, chart, spread)
+
+    def _show_chart(self, chart) -> List[str]:
+        """The curves in the layout's plot view, if it has one. The user's layout is kept: ShowChartInLayout would
+        switch to one with a plot view (vtkSlicerPlotsLogic.cxx), so it is called only where it switches nothing."""
+        layout = self.scene.GetFirstNodeByClass('vtkMRMLLayoutNode')
+        if layout is not None:
+            current = layout.GetViewArrangement()
+            if self.plots_logic.GetLayoutWithPlot(current) != current:
+                return [f'the deletion and insertion curves are in the plot chart "{chart.GetName()}": choose a '
+                        f'layout with a plot view to see them']
+        self.plots_logic.ShowChartInLayout(chart)
+        return []
