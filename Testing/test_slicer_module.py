@@ -1411,3 +1411,20 @@ def test_an_unexpected_error_in_a_slot_is_shown_in_a_dialog(app, scene, tmp_path
         'Permission denied' in errors[0]
     assert len(app.slotErrors) == 1  # re-raised, as tryWithErrorDisplay does, so PythonQt prints it too
     widget.cleanup()
+
+
+def test_the_local_servers_output_is_bounded_once_it_listens(tmp_path):
+    """Nothing polls the local server's output after its start: the last LocalServer.LOG_LINES lines are kept, the
+    rest dropped, and every line is still read (the process never blocks on a full pipe)."""
+    from NNUNetCAMLib.process import CoreProcess
+    from NNUNetCAMLib.server import LocalServer, _wait_for
+    lines = 20000
+    script = ('import json, sys\nprint(json.dumps({"event": "listening"}), flush=True)\n'
+              f'for i in range({lines}):\n    print("line", i, file=sys.stderr)\n')
+    process = CoreProcess([sys.executable, '-c', script])
+    listening, _ = _wait_for(process, lambda e: e.get('event') == 'listening', 60, None)
+    assert listening is not None
+    process.keep_last(LocalServer.LOG_LINES)
+    assert process.wait(60) == 0
+    kept = [e['message'] for e in process.poll()]
+    assert len(kept) == LocalServer.LOG_LINES and kept[-1] == f'line {lines - 1}'

@@ -71,6 +71,7 @@ def connect_server(url: str, token_file: str) -> ServerConnection:
 class LocalServer:
     """`nnunetv2_cam serve` on this computer, serving one model folder; started on first use, restarted for another
     folder, stopped by shutdown() (module cleanup). It also leaves by itself if Slicer dies (--parent-pid)."""
+    LOG_LINES = 200  # its output after the start: the last lines are kept, the rest dropped
 
     def __init__(self, environment, temp_root: Optional[str] = None, start_timeout: float = 120):
         self.environment, self.temp_root, self.start_timeout = environment, temp_root, start_timeout
@@ -98,6 +99,7 @@ class LocalServer:
             shutil.rmtree(token_dir, ignore_errors=True)
             logs = [e['message'] for e in seen + process.poll() if e.get('event') == 'log'][-1:]
             raise ServerStartError(f'the local explanation server did not start: {logs[0] if logs else "no output"}')
+        process.keep_last(self.LOG_LINES)  # nothing polls it from now on
         self.process, self.started, self.work = process, started, listening.get('work')
         self.connection = ServerConnection(listening['url'],
                                            listening.get('token') or token_file.read_text().strip())
