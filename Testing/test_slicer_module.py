@@ -1428,3 +1428,35 @@ def test_the_local_servers_output_is_bounded_once_it_listens(tmp_path):
     assert process.wait(60) == 0
     kept = [e['message'] for e in process.poll()]
     assert len(kept) == LocalServer.LOG_LINES and kept[-1] == f'line {lines - 1}'
+
+
+def test_a_point_or_roi_mask_is_drawn_inside_its_bounding_box(scene):
+    """The ball around a point and an ROI are evaluated inside their bounding box alone (a CT's whole grid takes
+    seconds), on an oblique volume under a scaling parent transform, and equal the whole-grid test of every voxel."""
+    m = oblique_ijk_to_ras()
+    reference = volume_from_array(scene, np.zeros((40, 50, 60), np.float32), m, 'ref')
+    transform = scene.AddNewNodeByClass('vtkMRMLLinearTransformNode')
+    scale = np.diag([1.1, 0.9, 1.0, 1.0])
+    scale[:3, 3] = (3, -2, 1)
+    transform.SetMatrixTransformToParent(volumes._matrix(scale))
+    reference.SetAndObserveTransformNodeID(transform.GetID())
+    to_world = scale @ m
+    k, j, i = np.mgrid[0:40, 0:50, 0:60]
+    centres = to_world @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+    ijk = np.array([30, 25, 20, 1])
+    point = scene.AddNewNodeByClass('vtkMRMLMarkupsFiducialNode')
+    point.AddControlPoint(*(to_world @ ijk)[:3])
+    radius = 6.0
+    where, block = volumes.region_block(reference, point=point, radius_mm=radius)
+    every = (np.linalg.norm(centres[:3] - (to_world @ ijk)[:3, None], axis=0) <= radius).reshape(40, 50, 60)
+    assert block.shape[0] * block.shape[1] * block.shape[2] < every.size / 20  # the box, not the grid
+    np.testing.assert_array_equal(volumes.point_mask(reference, point, radius), every)
+    assert block.sum() == every.sum() > 0
+    roi = scene.AddNewNodeByClass('vtkMRMLMarkupsROINode')
+    roi.SetCenterWorld(*(to_world @ ijk)[:3])
+    roi.SetSize(8, 5, 7)
+    where, block = volumes.region_block(reference, roi=roi)
+    to_roi = np.linalg.inv(volumes._array(roi.GetObjectToWorldMatrix()))
+    every = (np.abs((to_roi @ centres)[:3]) <= np.array([4, 2.5, 3.5])[:, None] + 1e-6).all(0).reshape(40, 50, 60)
+    assert block.size < every.size / 20 and block.sum() == every.sum() > 0
+    np.testing.assert_array_equal(volumes.roi_mask(reference, roi), every)
