@@ -994,6 +994,19 @@ def _excepthook(kind, value, tb):
         APP.slotErrors.append(value)
 
 
+def appScene():
+    """A scene as the app has it: default color nodes and three slice views."""
+    s = slicer.vtkMRMLScene()
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLScene(s)
+    for view in ('Red', 'Yellow', 'Green'):
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        composite.SetLayoutName(view)
+        s.AddNode(composite)
+    s.colors_logic = colors  # keep it alive with the scene
+    return s
+
+
 def openPanel(module, size=(500, 1400)):
     """As Slicer shows a module panel: the widget made in its parent (a QVBoxLayout), set up, shown, then entered."""
     parent = qMRMLWidget()

@@ -50,16 +50,8 @@ def segmentation_converters():
 
 @pytest.fixture
 def scene():
-    """A scene as the app has it: default color nodes and three slice views."""
-    s = slicer.vtkMRMLScene()
-    colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLScene(s)
-    for view in ('Red', 'Yellow', 'Green'):
-        composite = slicer.vtkMRMLSliceCompositeNode()
-        composite.SetLayoutName(view)
-        s.AddNode(composite)
-    s.colors_logic = colors  # keep it alive with the scene
-    return s
+    """A scene as the app has it."""
+    return slicer_standin.appScene()
 
 
 def load_volume(scene, path, name='input'):
