@@ -34,7 +34,7 @@ from PyQt5.QtTest import QTest  # noqa: E402
 from NNUNetCAMLib import volumes  # noqa: E402
 from nnunetv2_cam_core.demo import build_tiny_models, default_cache, model_folder  # noqa: E402
 
-SHAPE = (300, 512, 512)  # K, J, I
+SHAPE = (300, 512, 512)  # K, J, I: a CT
 
 
 class Gaps:
@@ -60,14 +60,15 @@ def timed(fn) -> float:
     return round(time.perf_counter() - t, 3)
 
 
-def scene_with_ct():
+def scene_with_ct(shape):
     scene = slicer_standin.appScene()
     rng = np.random.default_rng(0)
-    voxels = rng.normal(0, 20, SHAPE).astype(np.int16)
-    voxels[140:160, 240:270, 240:270] += 400  # something for the model to find
+    voxels = rng.normal(0, 20, shape).astype(np.int16)
+    k, j, i = (n // 2 for n in shape)
+    voxels[k - 10:k + 10, j - 15:j + 15, i - 15:i + 15] += 400  # something for the model to find
     node = scene.AddNewNodeByClass('vtkMRMLScalarVolumeNode', 'CT')
     image = vtk.vtkImageData()
-    image.SetDimensions(SHAPE[::-1])
+    image.SetDimensions(shape[::-1])
     image.AllocateScalars(vtk.VTK_SHORT, 1)
     node.SetAndObserveImageData(image)
     node.SetSpacing(0.8, 0.8, 1.5)
@@ -90,11 +91,13 @@ def apply_until_tiles(app, ui, gaps, seconds: float) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--out', type=Path, default=ROOT / 'benchmarks' / 'results' / 'slicer' / 'gui_latency.json')
+    ap.add_argument('--shape', type=int, nargs=3, default=SHAPE, metavar=('K', 'J', 'I'),
+                    help='the volume\'s size (slices, rows, columns); smaller ones check the script, not the goal')
     ap.add_argument('--wait-s', type=float, default=900, help='how long to wait for each run\'s tiles to start')
     args = ap.parse_args(argv)
     model = model_folder(build_tiny_models(default_cache()))
-    scene, ct = scene_with_ct()
-    out = {'volume': list(SHAPE[::-1]), 'model': 'tiny 3d_fullres, fold 0, no TTA, cpu'}
+    scene, ct = scene_with_ct(tuple(args.shape))
+    out = {'volume': args.shape[::-1], 'model': 'tiny 3d_fullres, fold 0, no TTA, cpu'}
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as monkeypatch:
         temporary = Path(tmp) / 'tmp'
         temporary.mkdir()
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
             out['first_apply'] = apply_until_tiles(app, ui, gaps, args.wait_s)
             out['second_apply_same_volume'] = apply_until_tiles(app, ui, gaps, args.wait_s)
             point = scene.AddNewNodeByClass('vtkMRMLMarkupsFiducialNode', 'here')
-            point.AddControlPoint(*(volumes.ijk_to_ras(ct) @ [255, 255, 150, 1])[:3])
+            point.AddControlPoint(*(volumes.ijk_to_ras(ct) @ [*[n // 2 for n in args.shape[::-1]], 1])[:3])
             node.targetPoint = point
             out['point_apply'] = apply_until_tiles(app, ui, gaps, args.wait_s)
         finally:
