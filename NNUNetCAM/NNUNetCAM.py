@@ -414,26 +414,27 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onModelFolderChanged(self.ui.modelFolderPathLineEdit.currentPath)
 
     def onConnectServer(self):
-        url, tokenFile = self.ui.serverUrlLineEdit.text, self.ui.serverTokenFilePathLineEdit.currentPath
-        self._connection = None
-        self.ui.serverModelComboBox.clear()
-        self.ui.connectServerButton.enabled = False  # WaitCursor processes events: no second click meanwhile
-        try:
-            with slicer.util.WaitCursor():
-                connection = connect_server(url, tokenFile)
-                models = connection.models()
-        except Exception as e:
-            self.ui.serverStatusLabel.text = f'<span style="color:#c0392b">Not connected: {e}</span>'
-            return
-        finally:
-            self.ui.connectServerButton.enabled = True
-        qt.QSettings().setValue(SERVER_URL_SETTING, url.strip())
-        qt.QSettings().setValue(SERVER_TOKEN_FILE_SETTING, tokenFile)
-        self._connection = connection
-        self.ui.serverStatusLabel.text = f'Server: {connection.status()}'
-        self.ui.serverModelComboBox.addItems(models)
-        if not models:
-            self.ui.modelInfoLabel.text = 'The server serves no model (its --models folders hold none).'
+        with slicer.util.tryWithErrorDisplay('Failed to connect to the server.'):
+            url, tokenFile = self.ui.serverUrlLineEdit.text, self.ui.serverTokenFilePathLineEdit.currentPath
+            self._connection = None
+            self.ui.serverModelComboBox.clear()
+            self.ui.connectServerButton.enabled = False  # WaitCursor processes events: no second click meanwhile
+            try:
+                with slicer.util.WaitCursor():
+                    connection = connect_server(url, tokenFile)
+                    models = connection.models()
+            except Exception as e:
+                self.ui.serverStatusLabel.text = f'<span style="color:#c0392b">Not connected: {e}</span>'
+                return
+            finally:
+                self.ui.connectServerButton.enabled = True
+            qt.QSettings().setValue(SERVER_URL_SETTING, url.strip())
+            qt.QSettings().setValue(SERVER_TOKEN_FILE_SETTING, tokenFile)
+            self._connection = connection
+            self.ui.serverStatusLabel.text = f'Server: {connection.status()}'
+            self.ui.serverModelComboBox.addItems(models)
+            if not models:
+                self.ui.modelInfoLabel.text = 'The server serves no model (its --models folders hold none).'
 
     def onServerModelChanged(self, model):
         if not self.remote():
@@ -443,22 +444,23 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- run ---
     def onApply(self):
-        if self._run is not None and self._run.running:
-            self._run.cancel()
-            self.ui.statusLabel.text = 'Cancelled; nothing was added to the scene.'
-            self.ui.progressBar.hide()
+        with slicer.util.tryWithErrorDisplay('Failed to run NNUNetCAM.'):
+            if self._run is not None and self._run.running:
+                self._run.cancel()
+                self.ui.statusLabel.text = 'Cancelled; nothing was added to the scene.'
+                self.ui.progressBar.hide()
+                self.updateApply()
+                return
+            if self._starting:
+                return
+            # installing and starting a server process events: no second Apply meanwhile
+            self._starting = True
             self.updateApply()
-            return
-        if self._starting:
-            return
-        # installing and starting a server process events: no second Apply meanwhile
-        self._starting = True
-        self.updateApply()
-        try:
-            self._apply()
-        finally:
-            self._starting = False
-            self.updateApply()
+            try:
+                self._apply()
+            finally:
+                self._starting = False
+                self.updateApply()
 
     def _apply(self):
         p = self._parameterNode
@@ -545,7 +547,8 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFinished(self, result):
         self.ui.progressBar.hide()
         sanity = evaluation.sanity_lines(result.sidecar)
-        self.ui.statusLabel.text = (f'Done in {time.monotonic() - self._started:.0f} s: '
+        held = ' (case already on the server)' if getattr(self._run.process, 'held', False) else ''
+        self.ui.statusLabel.text = (f'Done in {time.monotonic() - self._started:.0f} s{held}: '
                                     f'{", ".join(node.GetName() for node in result.nodes())}'
                                     + ''.join(f'\n{line}' for line in sanity))
         self._parameterNode.camVolume = next(iter(result.cams.values()))
@@ -562,24 +565,25 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDisplayChanged(self, *args):
         """Read from the widgets: the parameter node may be updated after this slot runs."""
-        cam, background = self.ui.camVolumeSelector.currentNode(), self.ui.inputVolumeSelector.currentNode()
-        colormap = self.ui.colormapComboBox.currentText  # '' while the parameter node's connector refills the list
-        if not cam or not background or not cam.GetDisplayNode() or colormap not in COLORMAPS:
-            return
-        threshold = self.ui.thresholdSlider.value
-        display.style_cam(slicer.mrmlScene, cam, colormap, threshold)
-        display.show_in_slice_views(slicer.mrmlScene, background, cam, self.ui.opacitySlider.value)
-        legend = slicer.modules.colors.logic().GetColorLegendDisplayNode(cam)
-        if legend:
-            legend.SetVisibility(self.ui.colorLegendCheckBox.checked)
-        elif self.ui.colorLegendCheckBox.checked:
-            display.add_color_legend(cam, cam.GetName())
-        volumeRendering = slicer.modules.volumerendering.logic()
-        rendering = volumeRendering.GetFirstVolumeRenderingDisplayNode(cam)
-        if self.ui.volumeRenderingCheckBox.checked:
-            display.show_volume_rendering(slicer.mrmlScene, cam, volumeRendering, threshold)
-        elif rendering:
-            rendering.SetVisibility(False)
+        with slicer.util.tryWithErrorDisplay('Failed to update the display of the map.'):
+            cam, background = self.ui.camVolumeSelector.currentNode(), self.ui.inputVolumeSelector.currentNode()
+            colormap = self.ui.colormapComboBox.currentText  # '' while the parameter node's connector refills the list
+            if not cam or not background or not cam.GetDisplayNode() or colormap not in COLORMAPS:
+                return
+            threshold = self.ui.thresholdSlider.value
+            display.style_cam(slicer.mrmlScene, cam, colormap, threshold)
+            display.show_in_slice_views(slicer.mrmlScene, background, cam, self.ui.opacitySlider.value)
+            legend = slicer.modules.colors.logic().GetColorLegendDisplayNode(cam)
+            if legend:
+                legend.SetVisibility(self.ui.colorLegendCheckBox.checked)
+            elif self.ui.colorLegendCheckBox.checked:
+                display.add_color_legend(cam, cam.GetName())
+            volumeRendering = slicer.modules.volumerendering.logic()
+            rendering = volumeRendering.GetFirstVolumeRenderingDisplayNode(cam)
+            if self.ui.volumeRenderingCheckBox.checked:
+                display.show_volume_rendering(slicer.mrmlScene, cam, volumeRendering, threshold)
+            elif rendering:
+                rendering.SetVisibility(False)
 
     # --- Python environment ---
     def environment(self):
@@ -597,9 +601,10 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.environmentStatusLabel.text = f'Using {self.logic.environment.describe()}; not checked yet.'
 
     def onCheckEnvironment(self):
-        env = self.logic.environment
-        self.ui.environmentStatusLabel.text = f'Checking {env.describe()}...'
-        self.logic.callCore(['check-env'], lambda rc, events: self._showCheck(env.parse_check(rc, events)))
+        with slicer.util.tryWithErrorDisplay('Failed to check the Python environment.'):
+            env = self.logic.environment
+            self.ui.environmentStatusLabel.text = f'Checking {env.describe()}...'
+            self.logic.callCore(['check-env'], lambda rc, events: self._showCheck(env.parse_check(rc, events)))
 
     def _showCheck(self, info):
         color = '#27ae60' if info['ok'] else '#c0392b'
@@ -626,14 +631,15 @@ class NNUNetCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self.onInstall()
 
     def onInstall(self):
-        missing = missing_requirements(self.requirementsFile())
-        if not missing:
-            self.ui.environmentStatusLabel.text = "Slicer's Python has everything NNUNetCAM needs."
+        with slicer.util.tryWithErrorDisplay('Failed to install the requirements.'):
+            missing = missing_requirements(self.requirementsFile())
+            if not missing:
+                self.ui.environmentStatusLabel.text = "Slicer's Python has everything NNUNetCAM needs."
+                return True
+            if not self.install(missing):
+                return False
+            self.ui.environmentStatusLabel.text = "Requirements installed in Slicer's Python."
             return True
-        if not self.install(missing):
-            return False
-        self.ui.environmentStatusLabel.text = "Requirements installed in Slicer's Python."
-        return True
 
     def install(self, missing):
         """Install requirement lines in Slicer's Python: torch with the PyTorch extension when present, the rest

@@ -8,7 +8,9 @@ event loop. Only what the `slicer-core` wheel lacks is emulated, each piece afte
   ctkSliderWidget, ctkCollapsibleButton, qMRMLWidget, qMRMLNodeComboBox (type filter, None item, auto-select on a real
   QComboBox), qMRMLSegmentSelectorWidget (the segments of the real segmentation node).
 - slicer.util.loadUI with PyQt5.uic (tooltips, enabled, nodeTypes, noneEnabled, settingKey kept); the dialogs,
-  answered from App.answers; slicer.app.processEvents running Qt's event loop.
+  answered from App.answers; slicer.app.processEvents running Qt's event loop. slicer.util.tryWithErrorDisplay is
+  the wheel's own (Base/Python/slicer/util.py, the same code at v5.8.0:3278-3320 and main:3691-3733): it shows an
+  error through the errorDisplay below (util's global) unless App.testingEnabled(), then raises it again.
 - parameterNodeWrapper: connectors and validators of Base/Python/slicer/parameterNodeWrapper/.
 - ScriptedLoadableModule.py: the module, widget, logic (singleton parameter node) and test base classes.
 5.8 and main are modelled where they differ: connectGui's tag, disconnectGui's observer, slicer.packaging."""
@@ -991,6 +993,19 @@ def _excepthook(kind, value, tb):
     traceback.print_exception(kind, value, tb)
     if APP is not None:
         APP.slotErrors.append(value)
+
+
+def appScene():
+    """A scene as the app has it: default color nodes and three slice views."""
+    s = slicer.vtkMRMLScene()
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLScene(s)
+    for view in ('Red', 'Yellow', 'Green'):
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        composite.SetLayoutName(view)
+        s.AddNode(composite)
+    s.colors_logic = colors  # keep it alive with the scene
+    return s
 
 
 def openPanel(module, size=(500, 1400)):

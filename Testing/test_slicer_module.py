@@ -50,16 +50,8 @@ def segmentation_converters():
 
 @pytest.fixture
 def scene():
-    """A scene as the app has it: default color nodes and three slice views."""
-    s = slicer.vtkMRMLScene()
-    colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLScene(s)
-    for view in ('Red', 'Yellow', 'Green'):
-        composite = slicer.vtkMRMLSliceCompositeNode()
-        composite.SetLayoutName(view)
-        s.AddNode(composite)
-    s.colors_logic = colors  # keep it alive with the scene
-    return s
+    """A scene as the app has it."""
+    return slicer_standin.appScene()
 
 
 def load_volume(scene, path, name='input'):
@@ -749,8 +741,8 @@ def test_cascade_model_folder_just_works_and_progress_shows_both_stages(scene, t
 
 
 def test_evaluation_loads_a_table_the_curves_in_a_plot_and_the_fold_spread(scene, model3d, small_case, tmp_path):
-    """evaluate=True: the numbers in a table node, the curves in a plot chart shown in the layout, a sanity line;
-    foldSpread=True: one more volume per class on the input's grid, with its own legend."""
+    """evaluate=True: the numbers in a table node, the curves in a plot chart (the user's layout kept: a note names
+    the chart), a sanity line; foldSpread=True: one more volume per class on the input's grid, with its own legend."""
     volume = load_volume(scene, small_case, 'Small scan')
     layout = scene.AddNewNodeByClass('vtkMRMLLayoutNode')
     layout.SetViewArrangement(layout.SlicerLayoutFourUpView)
@@ -773,7 +765,9 @@ def test_evaluation_loads_a_table_the_curves_in_a_plot_and_the_fold_spread(scene
     curves = series[0].GetTableNode().GetTable()
     assert curves.GetNumberOfRows() == 5
     assert [curves.GetColumnByName('lesion deletion').GetValue(i) for i in range(5)] == pytest.approx(e['deletion'])
-    assert layout.GetViewArrangement() != layout.SlicerLayoutFourUpView  # switched to a layout with a plot view
+    assert layout.GetViewArrangement() == layout.SlicerLayoutFourUpView  # kept: it has no plot view
+    assert f'the deletion and insertion curves are in the plot chart "{chart.GetName()}": choose a layout with a ' \
+           f'plot view to see them' in result.notes
     assert any(n.startswith('lesion: OK: the map passes the sanity check') or n.startswith('lesion: WARNING')
                for n in result.notes)
     spread = result.foldSpread['lesion']
@@ -996,6 +990,11 @@ def test_panel_computes_on_a_remote_server_with_its_url_and_token_file(monkeypat
         cam = result.cams['lesion']
         assert cam.GetImageData().GetDimensions() == input_volume.GetImageData().GetDimensions()
         assert '1 case(s) uploaded' in ui.serverStatusLabel.text
+        uploads = widget._connection.client.health()['counters']['uploads']
+        ui.applyButton.click()  # the same volume again: not written, not sent
+        app.runPending(seconds=300)
+        assert ui.statusLabel.text.startswith('Done') and '(case already on the server)' in ui.statusLabel.text
+        assert widget._connection.client.health()['counters']['uploads'] == uploads
         assert app.settings['NNUNetCAM/serverUrl'] == listening['url']
         assert app.settings['NNUNetCAM/serverTokenFile'] == str(token_file)
         assert token not in json.dumps(app.settings)
@@ -1355,3 +1354,107 @@ def test_saved_scenes_hold_stable_keys_not_labels(app, scene, tmp_path):
         assert widget._parameterNode.computeOn is module.ComputeOn.server and app.slotErrors == []
     finally:
         monkeypatch.undo()
+
+
+def test_a_case_the_server_holds_is_neither_written_nor_sent_again(monkeypatch, scene, input_volume, model3d,
+                                                                    tmp_path):
+    """Server mode: the volume's voxels and geometry are hashed in memory. Another Apply on the same volume writes no
+    file and sends nothing (the server counts no upload) and says the case is already there; one changed voxel is
+    another case, sent; a case the server dropped is sent again, without an error."""
+    temp_root = tmp_path / 'tmp'
+    temp_root.mkdir()
+    logic = NNUNetCAMLogic(scene, temp_root=str(temp_root))
+    written, write_case = [], volumes.write_case
+    monkeypatch.setattr(volumes, 'write_case', lambda *a: written.append(a[3]) or write_case(*a))
+    common = dict(targetClass='lesion', layers=['last_decoder'], folds=[0], device='cpu', tta=False, server='local')
+
+    def run():
+        progress = []
+        result = logic.run(input_volume, model3d, onProgress=lambda f, text: progress.append(text), **common)
+        return result, progress, logic.localServer.connection.client.health()['counters']['uploads']
+    try:
+        _, progress, uploads = run()
+        assert len(written) == 1 and not logic.current.process.held and 'Sending the case to the server' in progress
+        again, progress, now = run()
+        assert now == uploads and len(written) == 1  # nothing written, nothing sent
+        assert logic.current.process.held and 'Case already on the server' in progress
+        assert 'preprocessed case' in again.sidecar['server']['reused']  # the same case on the server
+        slicer.util.arrayFromVolume(input_volume)[0, 0, 0] += 1  # one voxel
+        slicer.util.arrayFromVolumeModified(input_volume)
+        _, progress, now = run()
+        assert now == uploads + 1 and len(written) == 2 and not logic.current.process.held
+        client = logic.localServer.connection.client
+        for case in set(logic.localServer.connection.cases.values()):  # as --case-ttl-s or --uploads-mb drop them
+            client.delete_case(case)
+        dropped, progress, now = run()
+        assert now == uploads + 2 and len(written) == 3 and 'Sending the case to the server' in progress
+        assert dropped.cams['lesion'].GetImageData().GetDimensions() == input_volume.GetImageData().GetDimensions()
+        assert list(temp_root.iterdir()) == []
+    finally:
+        logic.cleanup()
+
+
+def test_an_unexpected_error_in_a_slot_is_shown_in_a_dialog(app, scene, tmp_path):
+    """Slots run in slicer.util.tryWithErrorDisplay, as SlicerMONAIAuto3DSeg's do: an error nobody expected (here a
+    chosen Python that is not executable) is shown to the user, not only printed in the Python console."""
+    widget = open_panel(load_module())
+    python = tmp_path / 'python'
+    python.write_text('not a program')
+    python.chmod(0o644)
+    widget.ui.customPythonRadioButton.checked = True
+    widget.ui.pythonPathLineEdit.currentPath = str(python)
+    widget.ui.checkEnvironmentButton.click()
+    errors = [text for kind, text in app.dialogs if kind == 'error']
+    assert len(errors) == 1 and errors[0].startswith('Failed to check the Python environment.') and \
+        'Permission denied' in errors[0]
+    assert len(app.slotErrors) == 1  # re-raised, as tryWithErrorDisplay does, so PythonQt prints it too
+    widget.cleanup()
+
+
+def test_the_local_servers_output_is_bounded_once_it_listens(tmp_path):
+    """Nothing polls the local server's output after its start: the last LocalServer.LOG_LINES lines are kept, the
+    rest dropped, and every line is still read (the process never blocks on a full pipe)."""
+    from NNUNetCAMLib.process import CoreProcess
+    from NNUNetCAMLib.server import LocalServer, _wait_for
+    lines = 20000
+    script = ('import json, sys\nprint(json.dumps({"event": "listening"}), flush=True)\n'
+              f'for i in range({lines}):\n    print("line", i, file=sys.stderr)\n')
+    process = CoreProcess([sys.executable, '-c', script])
+    listening, _ = _wait_for(process, lambda e: e.get('event') == 'listening', 60, None)
+    assert listening is not None
+    process.keep_last(LocalServer.LOG_LINES)
+    assert process.wait(60) == 0
+    kept = [e['message'] for e in process.poll()]
+    assert len(kept) == LocalServer.LOG_LINES and kept[-1] == f'line {lines - 1}'
+
+
+def test_a_point_or_roi_mask_is_drawn_inside_its_bounding_box(scene):
+    """The ball around a point and an ROI are evaluated inside their bounding box alone (a CT's whole grid takes
+    seconds), on an oblique volume under a scaling parent transform, and equal the whole-grid test of every voxel."""
+    m = oblique_ijk_to_ras()
+    reference = volume_from_array(scene, np.zeros((40, 50, 60), np.float32), m, 'ref')
+    transform = scene.AddNewNodeByClass('vtkMRMLLinearTransformNode')
+    scale = np.diag([1.1, 0.9, 1.0, 1.0])
+    scale[:3, 3] = (3, -2, 1)
+    transform.SetMatrixTransformToParent(volumes._matrix(scale))
+    reference.SetAndObserveTransformNodeID(transform.GetID())
+    to_world = scale @ m
+    k, j, i = np.mgrid[0:40, 0:50, 0:60]
+    centres = to_world @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+    ijk = np.array([30, 25, 20, 1])
+    point = scene.AddNewNodeByClass('vtkMRMLMarkupsFiducialNode')
+    point.AddControlPoint(*(to_world @ ijk)[:3])
+    radius = 6.0
+    where, block = volumes.region_block(reference, point=point, radius_mm=radius)
+    every = (np.linalg.norm(centres[:3] - (to_world @ ijk)[:3, None], axis=0) <= radius).reshape(40, 50, 60)
+    assert block.shape[0] * block.shape[1] * block.shape[2] < every.size / 20  # the box, not the grid
+    np.testing.assert_array_equal(volumes.point_mask(reference, point, radius), every)
+    assert block.sum() == every.sum() > 0
+    roi = scene.AddNewNodeByClass('vtkMRMLMarkupsROINode')
+    roi.SetCenterWorld(*(to_world @ ijk)[:3])
+    roi.SetSize(8, 5, 7)
+    where, block = volumes.region_block(reference, roi=roi)
+    to_roi = np.linalg.inv(volumes._array(roi.GetObjectToWorldMatrix()))
+    every = (np.abs((to_roi @ centres)[:3]) <= np.array([4, 2.5, 3.5])[:, None] + 1e-6).all(0).reshape(40, 50, 60)
+    assert block.size < every.size / 20 and block.sum() == every.sum() > 0
+    np.testing.assert_array_equal(volumes.roi_mask(reference, roi), every)

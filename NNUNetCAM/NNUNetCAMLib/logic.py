@@ -30,7 +30,8 @@ LAYER_TOOLTIP = ('The last decoder stage is preselected: on 2D and 3D test model
                  'insertion against random), did not change with the tiling, and matched the map of the whole scan '
                  'in one piece; bottleneck maps did not. Earlier (encoder) stages are coarser: "what", not "where".')
 # progress bar share of each core stage: (start, end)
-STAGES = {'upload': (0.0, 0.06, 'Sending the case to the server'), 'load': (0.0, 0.06, 'Loading the model'),
+STAGES = {'upload': (0.0, 0.06, 'Sending the case to the server'), 'held': (0.0, 0.06, 'Case already on the server'),
+          'load': (0.0, 0.06, 'Loading the model'),
           'previous_stage': (0.06, 0.10, 'Low-resolution stage of the cascade (segmentation only)'),
           'preprocess': (0.10, 0.13, 'Preprocessing'), 'tiles': (0.13, 0.92, 'Sliding window'), 'export': (0.92, 0.97, 'Writing results'),
           'done': (0.97, 0.99, 'Loading results into Slicer')}
@@ -216,16 +217,6 @@ class CamRun:
         return self.result
 
 
-def _case_key(case: str, channels) -> tuple:
-    """What a case uploaded to a server was made from: the same key, the same voxels and geometry."""
-    key = [case]
-    for v in channels:
-        t = v.GetParentTransformNode()
-        key += [v.GetID(), v.GetImageData().GetMTime(), tuple(volumes.ijk_to_ras(v).ravel()),
-                None if t is None else (t.GetID(), t.GetMTime())]
-    return tuple(key)
-
-
 def app_event_pump() -> Optional[Callable[[], None]]:
     """slicer.app.processEvents inside the Slicer app (as Slicer's own blocking helpers call it), else None."""
     app = getattr(slicer, 'app', None)
@@ -333,15 +324,21 @@ class NNUNetCAMLogic:
         case = re.sub(r'[^A-Za-z0-9_-]+', '_', inputVolume.GetName()).strip('_') or 'volume'
         workdir = Path(tempfile.mkdtemp(prefix='NNUNetCAM-', dir=self.temp_root))
         try:
-            files, mask = self._write_inputs(workdir, case, channels, ending, targetSegmentation, targetSegmentId,
-                                             targetRoi, targetPoint, pointRadiusMm, inputVolume)
+            mask = self._write_mask(workdir, ending, targetSegmentation, targetSegmentId, targetRoi, targetPoint,
+                                    pointRadiusMm, inputVolume)
             out = Path(outputFolder) if outputFolder else workdir / 'output'
-            if connection is not None:
-                process = ServerRun(connection, _case_key(case, channels), files, mask,
-                                    '.' if server == 'local' else modelFolder,
+            if connection is not None:  # the case is written only if the server does not hold it
+                content = volumes.CaseContent(channels, ending)
+
+                def write_case() -> List[str]:
+                    if not content.unchanged():
+                        raise ValueError('the input volume changed while the run started; click Apply again')
+                    return self._write_case(workdir, case, channels, ending)
+                process = ServerRun(connection, content, write_case, mask, '.' if server == 'local' else modelFolder,
                                     {'folds': list(folds) if folds else None, 'tta': tta, 'classes': classes,
                                      'layers': list(layers) if layers else None, 'method': method}, out)
             else:
+                self._write_case(workdir, case, channels, ending)
                 process = self._core_process(workdir, out, mask, info, classes, method, device, layers, folds, tta,
                                              evaluate, evaluationSteps, foldSpread)
         except Exception:
@@ -399,16 +396,19 @@ class NNUNetCAMLogic:
                 self.scheduler(100, tick)
         self.scheduler(100, tick)
 
-    def _write_inputs(self, workdir: Path, case: str, channels, ending, segmentation, segment_id, roi, point,
-                      radius_mm, reference) -> tuple:
-        """(the case's files, the target mask's file or None)."""
+    @staticmethod
+    def _write_case(workdir: Path, case: str, channels, ending) -> List[str]:
         (workdir / 'input').mkdir()
-        files = volumes.write_case(workdir / 'input', channels, ending, case)
-        mask = None
-        if segmentation is not None or roi is not None or point is not None:
-            mask = workdir / f'target_mask{ending}'
-            volumes.write_target_mask(self.scene, reference, mask, segmentation, segment_id, roi, point, radius_mm)
-        return [str(f) for f in files], mask and str(mask)
+        return [str(f) for f in volumes.write_case(workdir / 'input', channels, ending, case)]
+
+    def _write_mask(self, workdir: Path, ending, segmentation, segment_id, roi, point, radius_mm,
+                    reference) -> Optional[str]:
+        """The target mask's file, or None."""
+        if segmentation is None and roi is None and point is None:
+            return None
+        mask = workdir / f'target_mask{ending}'
+        volumes.write_target_mask(self.scene, reference, mask, segmentation, segment_id, roi, point, radius_mm)
+        return str(mask)
 
     def _load_results(self, sidecar: dict, out: Path, inputVolume, info: dict, method: str,
                       options: DisplayOptions) -> CamResult:
@@ -440,7 +440,7 @@ class NNUNetCAMLogic:
                 chart = evaluation.add_curves(self.scene, sidecar, f'{name} {method}', added)
                 notes += evaluation.sanity_lines(sidecar)
             if chart is not None and self.plots_logic is not None:
-                self.plots_logic.ShowChartInLayout(chart)  # first: it may switch the layout's slice views
+                notes += self._show_chart(chart)  # first: in the app it may change the slice views
             first = next(iter(cams.values()))
             display.show_in_slice_views(self.scene, inputVolume, first, options.opacity)
             if options.volume_rendering:
@@ -456,3 +456,15 @@ class NNUNetCAMLogic:
             if stats.get('raw_max') == 0:
                 notes.append(f'{label}: no voxels were predicted as {label}, so its CAM is empty')
         return CamResult(segmentation, cams, sidecar, notes, table, chart, spread)
+
+    def _show_chart(self, chart) -> List[str]:
+        """The curves in the layout's plot view, if it has one. The user's layout is kept: ShowChartInLayout would
+        switch to one with a plot view (vtkSlicerPlotsLogic.cxx), so it is called only where it switches nothing."""
+        layout = self.scene.GetFirstNodeByClass('vtkMRMLLayoutNode')
+        if layout is not None:
+            current = layout.GetViewArrangement()
+            if self.plots_logic.GetLayoutWithPlot(current) != current:
+                return [f'the deletion and insertion curves are in the plot chart "{chart.GetName()}": choose a '
+                        f'layout with a plot view to see them']
+        self.plots_logic.ShowChartInLayout(chart)
+        return []

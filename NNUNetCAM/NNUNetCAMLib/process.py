@@ -1,8 +1,8 @@
 """The core as a background process: lines are read on threads and handed over by poll() on the caller's thread
 (Slicer's main thread, from a timer), so MRML is only touched there. Cancel kills the whole process tree."""
+import collections
 import json
 import os
-import queue
 import signal
 import subprocess
 import threading
@@ -16,7 +16,7 @@ class CoreProcess:
 
     def __init__(self, command: Sequence[str], env: Optional[dict] = None, cwd: Optional[str] = None):
         self.command = [str(c) for c in command]
-        self._lines: 'queue.Queue' = queue.Queue()
+        self._lines: collections.deque = collections.deque()
         posix = os.name == 'posix'
         self._process = subprocess.Popen(
             self.command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -44,16 +44,24 @@ class CoreProcess:
                     event = json.loads(line)
                 except ValueError:
                     pass
-            self._lines.put(event if isinstance(event, dict) and 'event' in event else
-                            {'event': 'log', 'stream': 'stdout' if is_stdout else 'stderr', 'message': line})
+            self._lines.append(event if isinstance(event, dict) and 'event' in event else
+                               {'event': 'log', 'stream': 'stdout' if is_stdout else 'stderr', 'message': line})
         stream.close()
+
+    def keep_last(self, n: int) -> None:
+        """From now on hold the last `n` events only, for a process whose output nobody polls (the local server
+        after its start): its lines are still read, so it never blocks on a full pipe."""
+        lines = self._lines
+        self._lines = collections.deque(maxlen=n)
+        while lines:  # what the readers appended meanwhile goes over too
+            self._lines.append(lines.popleft())
 
     def poll(self) -> List[dict]:
         out = []
         while True:
             try:
-                out.append(self._lines.get_nowait())
-            except queue.Empty:
+                out.append(self._lines.popleft())
+            except IndexError:
                 return out
 
     @property

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .environment import ensure_core_importable
 from .process import CoreProcess
@@ -19,13 +19,13 @@ class ServerStartError(RuntimeError):
 
 
 class ServerConnection:
-    """A server and the cases uploaded to it, by what they were made from (so a case is uploaded once)."""
+    """A server and the cases sent to it, by the sha256 of their voxels and geometry (so a case is sent once)."""
 
     def __init__(self, url: str, token: str):
         ensure_core_importable()
         from nnunetv2_cam_core.client import ServerClient
         self.url, self.client = url, ServerClient(url, token)
-        self.cases: Dict[tuple, str] = {}
+        self.cases: Dict[str, str] = {}  # content key -> the server's case id
         self._listing: List[dict] = []
 
     def models(self) -> List[str]:
@@ -71,6 +71,7 @@ def connect_server(url: str, token_file: str) -> ServerConnection:
 class LocalServer:
     """`nnunetv2_cam serve` on this computer, serving one model folder; started on first use, restarted for another
     folder, stopped by shutdown() (module cleanup). It also leaves by itself if Slicer dies (--parent-pid)."""
+    LOG_LINES = 200  # its output after the start: the last lines are kept, the rest dropped
 
     def __init__(self, environment, temp_root: Optional[str] = None, start_timeout: float = 120):
         self.environment, self.temp_root, self.start_timeout = environment, temp_root, start_timeout
@@ -98,6 +99,7 @@ class LocalServer:
             shutil.rmtree(token_dir, ignore_errors=True)
             logs = [e['message'] for e in seen + process.poll() if e.get('event') == 'log'][-1:]
             raise ServerStartError(f'the local explanation server did not start: {logs[0] if logs else "no output"}')
+        process.keep_last(self.LOG_LINES)  # nothing polls it from now on
         self.process, self.started, self.work = process, started, listening.get('work')
         self.connection = ServerConnection(listening['url'],
                                            listening.get('token') or token_file.read_text().strip())
@@ -129,12 +131,16 @@ def _wait_for(process: CoreProcess, match, timeout: float, event_pump) -> Tuple[
 
 
 class ServerRun:
-    """One explanation on a server, with CoreProcess's interface (poll, returncode, cancel, command): uploads the
-    case unless the server has it, runs the job, and writes its files into `out`, as a core run would."""
+    """One explanation on a server, with CoreProcess's interface (poll, returncode, cancel, command): sends the case
+    unless the server holds it, runs the job, and writes its files into `out`, as a core run would.
+    `content` (volumes.CaseContent) is hashed on this run's thread; the case is known by that key on this connection,
+    and checked on the server (`has_case`) before it is used. Only a case the server does not hold is written
+    (`write_case()`, called by poll() on the caller's thread, where MRML is touched) and then asked for by its files'
+    hashes, and sent when the server has no such files either."""
 
-    def __init__(self, connection: ServerConnection, case_key: tuple, files: List[str], mask: Optional[str],
-                 model: str, request: dict, out: Path):
-        self.connection, self.out = connection, out
+    def __init__(self, connection: ServerConnection, content, write_case: Callable[[], List[str]],
+                 mask: Optional[str], model: str, request: dict, out: Path):
+        self.connection, self.content, self.out = connection, content, out
         self.command = ['server', connection.url, 'explain', model, json.dumps(request)]
         self._events: 'queue.Queue' = queue.Queue()
         self._job: Optional[str] = None
@@ -142,20 +148,54 @@ class ServerRun:
         self._rc: Optional[int] = None
         self.cancelled = False
         self.unreachable = False  # the server did not answer (died or hangs)
+        self.held: Optional[bool] = None  # the server already held the case: nothing written or sent
         self.status: Optional[str] = None  # what the server holds after the job, asked on this run's thread
-        self._thread = threading.Thread(target=self._run, args=(case_key, files, mask, model, request), daemon=True)
+        self._write_case, self._files, self._files_error = write_case, None, None
+        self._files_wanted, self._files_written = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(mask, model, request), daemon=True)
         self._thread.start()
 
-    def _run(self, case_key, files, mask, model, request) -> None:
+    def _case_files(self) -> List[str]:
+        """The case written to files by poll(), on the caller's thread."""
+        self._files_wanted.set()
+        while not self._files_written.wait(0.05):
+            if self._cancel.is_set():
+                raise RuntimeError('cancelled')
+        if self._files_error is not None:
+            raise self._files_error
+        return self._files
+
+    def _send_case(self, client, key: Optional[str]) -> str:
+        case = self.connection.cases.get(key) if key else None
+        if case is not None and client.has_case(case):  # it drops unused cases (--uploads-mb, --case-ttl-s)
+            self.held = True
+            return case
+        self._events.put({'event': 'stage', 'stage': 'upload'})
+        case, self.held = client.case_for(self._case_files())
+        if key:
+            self.connection.cases[key] = case
+        return case
+
+    def _run(self, mask, model, request) -> None:
+        from nnunetv2_cam_core.errors import CamError
         client = self.connection.client
         try:
-            case = self.connection.cases.get(case_key)
-            if case is None:
-                self._events.put({'event': 'stage', 'stage': 'upload'})
-                case = self.connection.cases[case_key] = client.upload(files)
+            key = self.content.key()
+            case = self._send_case(client, key)
+            if self.held:
+                self._events.put({'event': 'stage', 'stage': 'held'})
             if mask is not None:
                 request = {**request, 'region': {'kind': 'mask', 'mask': client.upload([mask])}}
-            self._job = client.explain(model, case, **request)
+            try:
+                self._job = client.explain(model, case, **request)
+            except CamError as e:
+                if 'no case' not in str(e):
+                    raise
+                self.connection.cases.pop(key, None)  # dropped since it was asked for: sent again
+                case = self._send_case(client, None)
+                if key:
+                    self.connection.cases[key] = case
+                self._job = client.explain(model, case, **request)
             if self._cancel.is_set():
                 client.cancel(self._job)
             job = client.wait(self._job, self._events.put)
@@ -180,6 +220,12 @@ class ServerRun:
             self._rc = 1
 
     def poll(self) -> List[dict]:
+        if self._files_wanted.is_set() and not self._files_written.is_set():
+            try:
+                self._files = self._write_case()
+            except Exception as e:  # reported by the run's thread
+                self._files_error = e
+            self._files_written.set()
         out = []
         while True:
             try:

@@ -1,5 +1,6 @@
 """Volumes to files for the core, and the core's files back to nodes with the input's exact geometry.
 MRML only (works with the `slicer-core` wheel): storage nodes write and read, no slicer.util loaders that need the app."""
+import hashlib
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -30,6 +31,33 @@ def write_volume(node, path: Path) -> None:
     storage.SetUseCompression(True)
     if not storage.WriteData(node) or not Path(path).is_file():
         raise OSError(f'could not write {node.GetName()!r} to {path}; check free disk space and permissions')
+
+
+class CaseContent:
+    """What write_case writes, known without writing it: each channel's voxels (read in place), their type and shape,
+    and the IJK-to-RAS written with them (parent transforms are not written). key() may run on another thread."""
+
+    def __init__(self, channels, ending: str):
+        self.ending, self._parts = ending, []
+        for node in channels:
+            image = node.GetImageData()
+            if image is None:
+                raise ValueError(f'volume {node.GetName()!r} has no voxels; load an image into it first')
+            self._parts.append((node, image, slicer.util.arrayFromVolume(node), ijk_to_ras(node), image.GetMTime()))
+
+    def key(self) -> Optional[str]:
+        """sha256 of the channels in order; None if a volume changed while it was read."""
+        digest = hashlib.sha256(self.ending.encode())
+        for _, _, voxels, matrix, _ in self._parts:
+            digest.update(f'{voxels.dtype.str} {voxels.shape} '.encode() + matrix.tobytes())
+            digest.update(np.ascontiguousarray(voxels))  # hashlib lets go of the GIL for large buffers
+        return digest.hexdigest() if self.unchanged(geometry=False) else None
+
+    def unchanged(self, geometry: bool = True) -> bool:
+        """The voxels (and the IJK-to-RAS, which only the caller's thread reads) are still those read."""
+        return all(image.GetMTime() == mtime and node.GetImageData() is image and
+                   (not geometry or np.array_equal(ijk_to_ras(node), matrix))
+                   for node, image, _, matrix, mtime in self._parts)
 
 
 def write_case(folder: Path, channels, ending: str, case: str) -> list:
@@ -129,10 +157,9 @@ def write_target_mask(scene, reference, path: Path, segmentation=None, segment_i
                                                                                           reference):
                 raise ValueError(f'could not export segment {segment_id!r} onto the input volume\'s grid')
             mask = slicer.util.arrayFromVolume(labelmap) > 0
-        elif roi is not None:
-            mask = roi_mask(reference, roi)
+            where = (slice(None),) * 3
         else:
-            mask = point_mask(reference, point, radius_mm)
+            where, mask = region_block(reference, roi, point, radius_mm)
         if not mask.any():
             raise ValueError('the target region does not overlap the input volume; move the segment, ROI or point '
                              'onto it')
@@ -141,7 +168,9 @@ def write_target_mask(scene, reference, path: Path, segmentation=None, segment_i
         image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
         labelmap.SetAndObserveImageData(image)
         labelmap.SetIJKToRASMatrix(_matrix(ijk_to_ras(reference)))
-        slicer.util.arrayFromVolume(labelmap)[:] = mask
+        voxels = slicer.util.arrayFromVolume(labelmap)
+        voxels[:] = 0
+        voxels[where] = mask
         write_volume(labelmap, path)
     finally:
         scene.RemoveNode(labelmap)
@@ -159,33 +188,62 @@ def _ijk_to_world(reference) -> np.ndarray:
     return to_world
 
 
-def _voxels_where(reference, inside) -> np.ndarray:
-    """Voxels of `reference` (K, J, I order) whose world-coordinate centres (4, n) satisfy inside(points) -> (n,)."""
-    dims = reference.GetImageData().GetDimensions()
+def region_block(reference, roi=None, point=None, radius_mm: float = 10.0) -> tuple:
+    """(slices in K, J, I order, the voxels there whose world-coordinate centres lie inside the markups ROI or within
+    `radius_mm` of the point list's first control point): drawn inside the region's bounding box on `reference`'s
+    grid alone, as the server draws its regions (a whole CT's grid would take seconds)."""
     to_world = _ijk_to_world(reference)
-    j, i = np.mgrid[0:dims[1], 0:dims[0]]
-    out = np.zeros(dims[::-1], bool)
-    for k in range(dims[2]):  # a slice at a time: a whole-volume coordinate array would be large
+    to_ijk = np.linalg.inv(to_world)
+    if roi is not None:
+        roi_to_world = _array(roi.GetObjectToWorldMatrix())
+        to_roi = np.linalg.inv(roi_to_world)
+        half = np.array(roi.GetSize()) / 2
+        corners = np.array([[x * half[0], y * half[1], z * half[2], 1] for x in (-1, 1) for y in (-1, 1)
+                            for z in (-1, 1)]).T
+        ijk = (to_ijk @ roi_to_world @ corners)[:3]
+        lo, hi = ijk.min(1), ijk.max(1)
+
+        def inside(p):
+            return (np.abs((to_roi @ p)[:3]) <= half[:, None] + 1e-6).all(0)
+    else:
+        if point.GetNumberOfControlPoints() < 1:
+            raise ValueError(f'{point.GetName()!r} has no point; click one onto the image first')
+        centre = [0.0, 0.0, 0.0]
+        point.GetNthControlPointPositionWorld(0, centre)
+        c = np.array(centre)[:, None]
+        # a ball of radius r reaches r * |row k of the world-to-IJK matrix| along index k
+        reach = radius_mm * np.linalg.norm(to_ijk[:3, :3], axis=1)
+        middle = (to_ijk @ [*centre, 1])[:3]
+        lo, hi = middle - reach, middle + reach
+
+        def inside(p):
+            return np.linalg.norm(p[:3] - c, axis=0) <= radius_mm
+    dims = np.array(reference.GetImageData().GetDimensions())
+    start = np.clip(np.floor(lo - 1e-6), 0, dims).astype(int)
+    stop = np.clip(np.ceil(hi + 1e-6) + 1, 0, dims).astype(int)
+    stop = np.maximum(stop, start)
+    block = np.zeros((stop - start)[::-1], bool)
+    j, i = np.mgrid[start[1]:stop[1], start[0]:stop[0]]
+    for n, k in enumerate(range(start[2], stop[2])):  # a slice at a time: a coordinate array is 4 floats a voxel
         ijk = np.stack([i.ravel(), j.ravel(), np.full(i.size, k), np.ones(i.size)])
-        out[k] = inside(to_world @ ijk).reshape(dims[1], dims[0])
+        block[n] = inside(to_world @ ijk).reshape(i.shape)
+    return tuple(slice(a, b) for a, b in zip(start[::-1], stop[::-1])), block
+
+
+def _full(reference, where: tuple, block: np.ndarray) -> np.ndarray:
+    out = np.zeros(reference.GetImageData().GetDimensions()[::-1], bool)
+    out[where] = block
     return out
 
 
 def roi_mask(reference, roi) -> np.ndarray:
     """Voxels of `reference` (K, J, I order) whose centres lie inside the ROI, both in world coordinates."""
-    world_to_roi = np.linalg.inv(_array(roi.GetObjectToWorldMatrix()))
-    half = np.array(roi.GetSize()) / 2
-    return _voxels_where(reference, lambda p: (np.abs((world_to_roi @ p)[:3]) <= half[:, None] + 1e-6).all(0))
+    return _full(reference, *region_block(reference, roi=roi))
 
 
 def point_mask(reference, point, radius_mm: float) -> np.ndarray:
     """Voxels of `reference` (K, J, I order) within `radius_mm` of the markups point's first control point (world)."""
-    if point.GetNumberOfControlPoints() < 1:
-        raise ValueError(f'{point.GetName()!r} has no point; click one onto the image first')
-    centre = [0.0, 0.0, 0.0]
-    point.GetNthControlPointPositionWorld(0, centre)
-    c = np.array(centre)[:, None]
-    return _voxels_where(reference, lambda p: np.linalg.norm(p[:3] - c, axis=0) <= radius_mm)
+    return _full(reference, *region_block(reference, point=point, radius_mm=radius_mm))
 
 
 def _array(m) -> np.ndarray:
