@@ -30,7 +30,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 os.environ.setdefault('QT_QPA_PLATFORM', 'offscreen')
-from PyQt5 import QtCore, QtGui, QtWidgets, uic  # noqa: E402
+from PyQt5 import QtCore, QtGui, QtWidgets  # noqa: E402
 from PyQt5.QtCore import pyqtProperty, pyqtSignal  # noqa: E402
 from PyQt5.uic.Loader.qobjectcreator import LoaderCreatorPolicy  # noqa: E402
 from PyQt5.uic.uiparser import UIParser  # noqa: E402
