@@ -239,7 +239,7 @@ def test_one_member_writes_entropy_and_says_in_one_line_why_mi_is_zero(model3d, 
     assert cli(model3d, small_case, out, '-f', '0', '--disable_tta', '--save-uncertainty') == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     said = [e['message'] for e in events if e['event'] == 'warning' and 'mutual information' in e['message']]
-    assert len(said) == 1 and '\n' not in said[0] and 'one member' in said[0] and 'one fold, TTA off' in said[0]
+    assert len(said) == 1 and '\n' not in said[0] and 'one member (one fold, no TTA mirrors)' in said[0]
     side = json.loads((out / 'small_cam.json').read_text())
     assert side['uncertainty']['members'] == 1
     files = side['uncertainty']['files']

@@ -399,7 +399,8 @@ def _run_case(engine, case, files, out_dir, rw, ending, opts: CaseOptions, prev_
                **res.info['timings_s']}
     if res.info['uncertainty_members'] == 1:
         progress.emit('warning', message=f'{case}: mutual information and probability spread are 0: the ensemble has '
-                                         f'one member (one fold, TTA off); entropy is written; use more folds or TTA')
+                                         f'one member (one fold, no TTA mirrors), so nothing disagrees; entropy is '
+                                         f'written; use more folds or TTA for them')
     evaluation = spread = None
     if opts.evaluation is not None:
         t2 = time.perf_counter()
