@@ -290,10 +290,10 @@ def test_maps_from_nnunets_own_per_fold_probabilities_equal_ours(model3d, tmp_pa
 
 @pytest.fixture(scope='module')
 def tiling(model3d, tmp_path_factory):
-    """The 75-tile case of test_stitching, cropped to a few tiles; two folds, no TTA."""
+    """18 tiles at step 0.5, 50 at 0.33 (two steps along z either way); two folds, no TTA."""
     from nnunetv2_cam_core.api import CamEngine
     from nnunetv2_cam_core.model import load_predictor
-    case = write_sample_case(tmp_path_factory.mktemp('tiling'), seed=11, shape=(28, 80, 80), spacing=SPACING,
+    case = write_sample_case(tmp_path_factory.mktemp('tiling'), seed=11, shape=(28, 100, 100), spacing=SPACING,
                              objects=6, name='tiling')
     pred = load_predictor(model3d, [0, 1], 'checkpoint_final.pth', torch.device('cpu'), use_mirroring=False)
     engine = CamEngine(pred, target_class=['lesion', 'organ'], uncertainty=True)
@@ -314,8 +314,10 @@ def uncertainty_at(pred, engine, data, step: float, **spec):
 def test_tiling_moves_the_entropy_no_more_than_the_probabilities_allow(tiling):
     """Step 0.5 against 0.33: the entropy map is the entropy of the stitched mean probability, so voxel by voxel it
     can change between tilings by no more than Fannes-Audenaert allows for the change of that probability (a
-    theorem, so a bound that holds for any model). Also printed: Pearson r of each map across the steps, beside the
-    probabilities'."""
+    theorem, so a bound that holds for any model). The theorem is for exact distributions: each component of the
+    stitched P carries float32 rounding of its sums over at most n tiles, (2n + 2) 2^-24, which enters the total
+    variation K times (near-certain voxels show it: the entropy's slope is unbounded at 0). Also printed: Pearson r
+    of each map across the steps, beside the probabilities'."""
     pred, engine, data = tiling
     a, b = (uncertainty_at(pred, engine, data, s) for s in (0.5, 0.33))
     assert b.n_tiles > a.n_tiles
@@ -323,7 +325,8 @@ def test_tiling_moves_the_entropy_no_more_than_the_probabilities_allow(tiling):
     tv = 0.5 * (ua.mean_probabilities - ub.mean_probabilities).abs().sum(0).double().numpy()
     k = ua.mean_probabilities.shape[0]
     dh = (ua.entropy[0] - ub.entropy[0]).abs().double().numpy()
-    assert bool((dh <= fannes(tv, k) + FLOAT32_SLACK).all())
+    rounding = (2 * b.n_tiles + 2) * 2.0 ** -24
+    assert bool((dh <= fannes(tv + k * rounding, k) + FLOAT32_SLACK).all())
     for name, x, y in (('probabilities', ua.mean_probabilities, ub.mean_probabilities), ('entropy', ua.entropy,
                         ub.entropy), ('mutualinfo', ua.mutual_info, ub.mutual_info), ('probstd', ua.prob_std,
                                                                                       ub.prob_std)):
