@@ -47,14 +47,17 @@ def start_server(results_dir: Path, folder: Path, *extra, **popen):
 
 
 def nnunet_predict(model: Path, inputs: Path, out: Path, folds, tta: bool, prev_stage: Path = None,
-                   device: str = 'cpu') -> Path:
-    """nnU-Net's own prediction, as a user runs it (a cascade stage with the previous stage's folder)."""
+                   device: str = 'cpu', save_probabilities: bool = False) -> Path:
+    """nnU-Net's own prediction, as a user runs it (a cascade stage with the previous stage's folder; with
+    `save_probabilities`, CASE.npz and CASE.pkl too)."""
     cmd = ['nnUNetv2_predict_from_modelfolder', '-i', str(inputs), '-o', str(out), '-m', str(model),
            '-f', *map(str, folds), '-device', device, '-npp', '1', '-nps', '1']
     if prev_stage is not None:
         cmd += ['-prev_stage_predictions', str(prev_stage)]
     if not tta:
         cmd.append('--disable_tta')
+    if save_probabilities:
+        cmd.append('--save_probabilities')
     exe = shutil.which(cmd[0], path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get('PATH', '')]))
     subprocess.run([exe or cmd[0], *cmd[1:]], check=True,
                    stdout=subprocess.DEVNULL)

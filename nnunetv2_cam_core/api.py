@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from .errors import CamError, UsageError, one_line
-from .evaluation import CaseEvaluation, EvaluationSettings, fold_spread, mask_statistics, plot_curves, \
+from .evaluation import CaseEvaluation, EvaluationSettings, dilate, fold_spread, mask_statistics, plot_curves, \
     require_folds
 from .outputs import CaseOutputs, check_writable
 from .export import cam_format, maps_to_original, segmentation_to_original, write_map, \
-    write_overview, write_slices
+    write_overview, write_probabilities, write_slices
 from .failures import Failures
 from .inputs import find_cases, list_folder, read_case, read_label, select_part
+from .labels import output_classes
 from .layers import LayerCache, resolve_layers
 from .methods import get_method
 from .cascade import PreviousStage
@@ -30,6 +31,7 @@ from .progress import Progress
 from .sliding_window import CamSpec, combine_layers, sliding_window_cam
 from .targets import resolve_targets
 from .tile_plan import MANY_TILES, tile_count
+from .uncertainty import RING_MM, UncertaintyMaps, mask_summary, max_entropy
 
 
 def _as_list(x) -> list:
@@ -47,6 +49,8 @@ class CaseResult:
     # with keep_preprocessed: the stitched logits and the maps (targets, *shape) in preprocessed space
     logits: Optional[torch.Tensor] = None
     maps: Optional[torch.Tensor] = None
+    # with uncertainty: map name (entropy[_REGION], mutualinfo[_REGION], probstd_LABEL) -> float32, original geometry
+    uncertainty: Dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class CamEngine:
@@ -55,7 +59,7 @@ class CamEngine:
     def __init__(self, predictor, target_layer=None, target_class=1, method: str = 'gradcam',
                  pooling: Optional[str] = None, target_region: str = 'predicted', pool_size: Optional[int] = None,
                  pool_mode: str = 'max', low_memory: bool = False, channel_attribution: bool = False,
-                 networks: Optional[List[torch.nn.Module]] = None):
+                 networks: Optional[List[torch.nn.Module]] = None, uncertainty: bool = False):
         if pooling not in (None, 'volume', 'tile'):
             raise UsageError(f'--pooling must be volume or tile, not {pooling!r}')
         if target_region not in ('predicted', 'all'):
@@ -71,6 +75,7 @@ class CamEngine:
             raise UsageError(f'--channel-attribution needs gradients, which {method} does not use; pick a gradient '
                              f'method such as gradcam or hirescam')
         self.channel_attribution = channel_attribution
+        self.uncertainty = uncertainty  # entropy, mutual information and probability spread from the same pass
 
     def preprocess(self, files: Sequence[str], target_mask: Optional[str] = None,
                    prev_stage: Optional[str] = None, check: Callable[[], None] = lambda: None):
@@ -135,7 +140,8 @@ class CamEngine:
         t0 = time.perf_counter()
         only = None if stitched_logits is None or mask is None else mask if mask.ndim == data.ndim - 1 else mask.any(0)
         spec = CamSpec(self.method, self.layers, self.targets, self.pooling, self.region, mask, self.low_memory,
-                       channel_attribution=self.channel_attribution, only_region=only, layer_cache=layer_cache)
+                       channel_attribution=self.channel_attribution, only_region=only, layer_cache=layer_cache,
+                       uncertainty=self.uncertainty)
         out = sliding_window_cam(p, self.networks, data, spec, on_tile)
         if stitched_logits is not None:
             out.logits = stitched_logits
@@ -163,13 +169,34 @@ class CamEngine:
                 a = out.channel_attribution[i].double().abs()
                 shares = (a / a.sum() if a.sum() > 0 else a).tolist()
                 stats[t.name]['channel_attribution'] = dict(zip(input_channel_names(p), shares))
+        uncertainty = {} if out.uncertainty is None else self._uncertainty(out.uncertainty, properties, seg, stats)
         t3 = time.perf_counter()
         info = {'tiles': out.n_tiles, 'classes': stats, 'low_memory': out.low_memory,
                 'forwards_from_layer_cache': out.from_layer_cache,
                 'out_of_memory_retry': out.out_of_memory_retry,
+                'uncertainty_members': None if out.uncertainty is None else out.uncertainty.members,
                 'timings_s': {'sliding_window': round(t1 - t0, 3), 'export': round(t2 - t1, 3),
                               'statistics': round(t3 - t2, 3)}}
-        return CaseResult(seg, cams, raws, info, *((out.logits, raw) if keep_preprocessed else ()))
+        return CaseResult(seg, cams, raws, info, *((out.logits, raw) if keep_preprocessed else (None, None)),
+                          uncertainty=uncertainty)
+
+    def _uncertainty(self, u: UncertaintyMaps, properties: dict, seg: np.ndarray, stats: dict) -> Dict[str, np.ndarray]:
+        """The maps in the original geometry, by name; each class's summary goes into its `stats`: mean entropy and
+        MI in its predicted mask and in the 5 mm ring around it, and the share of the mask above half the entropy's
+        maximum."""
+        lm = self.predictor.label_manager
+        per_region = [f'_{_safe(n)}' for n in output_classes(self.predictor.dataset_json)] if lm.has_regions else ['']
+        names = [f'entropy{r}' for r in per_region] + [f'mutualinfo{r}' for r in per_region] + \
+            [f'probstd_{_safe(t.name)}' for t in self.targets]
+        maps = dict(zip(names, maps_to_original(torch.cat([u.entropy, u.mutual_info, u.prob_std]), properties,
+                                                self.predictor)))
+        h_max = max_entropy(lm.num_segmentation_heads, lm.has_regions)
+        for t in self.targets:
+            r = per_region[t.channel] if lm.has_regions else ''
+            own = np.isin(seg, t.labels)
+            ring = dilate(own, properties['spacing'], RING_MM) & ~own
+            stats[t.name]['uncertainty'] = mask_summary(maps[f'entropy{r}'], maps[f'mutualinfo{r}'], own, ring, h_max)
+        return maps
 
 
 def input_channel_names(predictor) -> List[str]:
@@ -231,6 +258,7 @@ class CaseOptions:
     reference_mask: Optional[str] = None
     fold_spread: bool = False
     prepared: Optional[PreparedCase] = None
+    save_probabilities: bool = False  # CASE.npz and CASE.pkl, as nnUNetv2_predict --save_probabilities
 
 
 def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str, Path], *,
@@ -241,7 +269,8 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
               evaluation: Optional[EvaluationSettings] = None, reference_mask: Optional[str] = None,
               save_fold_spread: bool = False, prepared: Optional[PreparedCase] = None,
               progress: Optional[Progress] = None, run_info: Optional[dict] = None, num_parts: int = 1,
-              part_id: int = 0, stop_on_error: bool = True, keep_results: bool = True) -> Dict[str, CaseResult]:
+              part_id: int = 0, stop_on_error: bool = True, keep_results: bool = True,
+              save_probabilities: bool = False) -> Dict[str, CaseResult]:
     """Every case in `inputs` -> files in `output_folder`, one case at a time, each written atomically. A cascade
     stage takes its previous stage's segmentations from `prev_stage_folder`, or runs `previous_stage_model` (with
     the cascade's `folds` where it has them) first, as nnU-Net would, keeping nothing of it. `evaluation` adds the
@@ -249,11 +278,12 @@ def run_cases(engine: CamEngine, inputs: Sequence[str], output_folder: Union[str
     `prepared`: the one case of `inputs`, already preprocessed; its result keeps the stitched logits.
     `num_parts`/`part_id`: only this part's share of the cases (nnU-Net's split). Without `stop_on_error` a case
     of several that fails is reported (a `failed` event, OUTPUT/failures.json) and the others run; the call then
-    raises one CamError naming the failed cases. `keep_results=False` returns nothing and keeps no case in memory (batches)."""
+    raises one CamError naming the failed cases. `keep_results=False` returns nothing and keeps no case in memory (batches).
+    `save_probabilities`: also CASE.npz and CASE.pkl, written by nnU-Net's export as nnUNetv2_predict writes them."""
     p = engine.predictor
     progress = progress or Progress('none')
     opts = CaseOptions(target_mask, save_raw, save_numpy, save_slices, overwrite, evaluation, reference_mask,
-                       save_fold_spread, prepared)
+                       save_fold_spread, prepared, save_probabilities)
     if evaluation is not None:
         evaluation.check()
     elif reference_mask is not None:
@@ -361,11 +391,16 @@ def _run_case(engine, case, files, out_dir, rw, ending, opts: CaseOptions, prev_
                                          f'long; nnU-Net uses 0.5')
     progress.stage('tiles', case)
     res = engine.run(data, props, mask, on_tile=progress.tiles,
-                     keep_preprocessed=opts.evaluation is not None or pc is not None,
+                     keep_preprocessed=opts.evaluation is not None or pc is not None or opts.save_probabilities,
                      stitched_logits=pc.logits if pc else None, stitched_segmentation=pc.segmentation if pc else None,
                      layer_cache=pc.layer_cache if pc else None)
+    logits = res.logits  # the evaluation lets go of them
     timings = {'previous_stage': round(t_previous - t0, 3), 'preprocess': round(t1 - t_previous, 3),
                **res.info['timings_s']}
+    if res.info['uncertainty_members'] == 1:
+        progress.emit('warning', message=f'{case}: mutual information and probability spread are 0: the ensemble has '
+                                         f'one member (one fold, no TTA mirrors), so nothing disagrees; entropy is '
+                                         f'written; use more folds or TTA for them')
     evaluation = spread = None
     if opts.evaluation is not None:
         t2 = time.perf_counter()
@@ -389,7 +424,11 @@ def _run_case(engine, case, files, out_dir, rw, ending, opts: CaseOptions, prev_
             st['evaluation'] = evaluation[name]
     t_write = time.perf_counter()
     with CaseOutputs(out_dir) as co, ThreadPoolExecutor(2) as pool:  # images compress two at a time
-        writes = [pool.submit(rw.write_seg, res.segmentation, co.path(case + ending), props)]
+        # with probabilities, nnU-Net's own export writes them and the segmentation, as nnUNetv2_predict does
+        writes = [pool.submit(write_probabilities, logits, props, p, co, case) if opts.save_probabilities else
+                  pool.submit(rw.write_seg, res.segmentation, co.path(case + ending), props)]
+        uncertainty = {name: pool.submit(write_map, arr, co, f'{case}_{name}', ending, props, fmt, normalised=False)
+                       for name, arr in res.uncertainty.items()}
         maps, spreads = {}, {}
         for i, name in enumerate(res.cams):
             stem = f'{case}_cam_{_safe(name)}_{_safe(method)}'
@@ -410,6 +449,7 @@ def _run_case(engine, case, files, out_dir, rw, ending, opts: CaseOptions, prev_
         curves = evaluation is not None and plot_curves(evaluation, co.path(f'{case}_evaluation.png'), case)
         files_by_class = {name: f.result() for name, f in maps.items()}
         spread_files = {name: f.result() for name, f in spreads.items()}
+        uncertainty_files = {name: f.result() for name, f in uncertainty.items()}
         for w in writes:
             w.result()
         timings['write'] = round(time.perf_counter() - t_write, 3)
@@ -434,6 +474,9 @@ def _run_case(engine, case, files, out_dir, rw, ending, opts: CaseOptions, prev_
                        **asdict(opts.evaluation), 'reference_mask': opts.reference_mask,
                        'curves': f'{case}_evaluation.png' if curves else None},
                    'fold_spread': spread_files or None,
+                   'probabilities': f'{case}.npz' if opts.save_probabilities else None,
+                   'uncertainty': {'members': res.info['uncertainty_members'], 'ring_mm': RING_MM,
+                                   'files': uncertainty_files} if uncertainty_files else None,
                    'versions': _versions()}
         with open(co.path(f'{case}_cam.json'), 'w') as f:
             json.dump(sidecar, f, indent=2)

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument('--save-numpy', action='store_true', help='also write the CAM as .npy')
     io.add_argument('--save-slices', action='store_true', help='also write PNG overlays, one per slice, and an overview')
     io.add_argument('--no-save-slices', action='store_true', help='no PNGs (the default; kept for compatibility)')
+    io.add_argument('--save_probabilities', '--save-probabilities', dest='save_probabilities', action='store_true',
+                    help='also write CASE.npz (probabilities) and CASE.pkl (properties), as nnUNetv2_predict does')
+    io.add_argument('--save-uncertainty', action='store_true',
+                    help='also write CASE_entropy, CASE_mutualinfo (per region for region models) and '
+                         'CASE_probstd_<class>, from the folds x mirrors of the same pass')
     m = p.add_argument_group('model')
     m.add_argument('-m', '--model', help='trained model folder (holds dataset.json, plans.json, fold_N/)')
     m.add_argument('-d', help='dataset name or id, resolved under $nnUNet_results (instead of -m)')
@@ -175,7 +180,7 @@ def _list_layers(args, as_json: bool, out) -> None:
 
 LOCAL_ONLY = {k: f'--{k.replace("_", "-")}' for k in (
     'evaluate', 'save_fold_spread', 'reference_mask', 'save_raw', 'save_numpy', 'save_slices', 'channel_attribution',
-    'low_memory', 'pool_size')} | {'prev_stage_predictions': '-prev_stage_predictions'}
+    'low_memory', 'pool_size', 'save_probabilities', 'save_uncertainty')} | {'prev_stage_predictions': '-prev_stage_predictions'}
 
 
 def run_on_server(args, progress: Progress) -> int:
@@ -218,7 +223,7 @@ def run(args, progress: Progress) -> int:
     folder, folds, configuration, predictor = _load(args)
     engine = CamEngine(predictor, args.target_layer, args.target_class, args.method, args.pooling,
                        args.target_region, args.pool_size, args.pool_mode, args.low_memory,
-                       args.channel_attribution)
+                       args.channel_attribution, uncertainty=args.save_uncertainty)
     run_info = {'model': str(folder), 'configuration': configuration, 'trainer': predictor.trainer_name, 'folds': list(folds), 'checkpoint': args.checkpoint}
     if args.previous_stage_model:
         run_info['previous_stage_model'] = str(args.previous_stage_model)
@@ -228,7 +233,7 @@ def run(args, progress: Progress) -> int:
               folds=folds, checkpoint=args.checkpoint, save_raw=args.save_raw, save_numpy=args.save_numpy,
               save_slices=args.save_slices and not args.no_save_slices, overwrite=args.overwrite, progress=progress,
               run_info=run_info, num_parts=args.num_parts, part_id=args.part_id, stop_on_error=args.stop_on_error,
-              keep_results=False)
+              keep_results=False, save_probabilities=args.save_probabilities)
     progress.stage('done')
     return 0
 

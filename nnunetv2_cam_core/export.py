@@ -10,7 +10,8 @@ from typing import Dict
 import numpy as np
 import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
-from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape, \
+    export_prediction_from_logits
 
 from .errors import UsageError
 from .outputs import CaseOutputs
@@ -20,6 +21,18 @@ def segmentation_to_original(logits: torch.Tensor, properties: dict, predictor) 
     """nnU-Net's own logits -> segmentation export: resample, argmax/regions, insert the crop, transpose back."""
     return convert_predicted_logits_to_segmentation_with_correct_shape(
         logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager, properties)
+
+
+def write_probabilities(logits: torch.Tensor, properties: dict, predictor, outputs: 'CaseOutputs', case: str) -> None:
+    """CASE.npz (`probabilities`), CASE.pkl (the properties) and the segmentation, by nnU-Net's own export as
+    nnUNetv2_predict --save_probabilities writes them."""
+    ending = predictor.dataset_json['file_ending']
+    stem = outputs.path(case + '.npz')[:-len('.npz')]
+    outputs.path(case + '.pkl')
+    outputs.path(case + ending)
+    export_prediction_from_logits(logits, properties, predictor.configuration_manager, predictor.plans_manager,
+                                  predictor.dataset_json, stem, save_probabilities=True,
+                                  num_threads_torch=torch.get_num_threads())
 
 
 def maps_to_original(maps: torch.Tensor, properties: dict, predictor) -> np.ndarray:

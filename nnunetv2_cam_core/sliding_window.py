@@ -6,7 +6,8 @@ is blended exactly as nnU-Net blends tile logits, sum(g * map) / sum(g): one gau
 out towards tile borders and leave no seams. Volume pooling pools the channel statistics of every tile's own target
 over all tiles, then blends the same way.
 The target mask of a tile is the ensemble (folds x mirrors) prediction for that tile; where overlapping tiles
-disagree about a voxel, the fraction is reported as `tile_mask_disagreement`.
+disagree about a voxel, the fraction is reported as `tile_mask_disagreement`. With `uncertainty`, the same members'
+logits of each tile give the uncertainty terms, stitched alongside (`uncertainty.py`).
 """
 import contextlib
 import itertools
@@ -24,6 +25,7 @@ from .layers import LayerCache, LayerCapture, head_of
 from .methods import CamMethod
 from .targets import Target, predicted_mask, target_masks
 from .tile_plan import TilePlan
+from .uncertainty import UncertaintyMaps, UncertaintyStitch
 
 VOLUME_POOLING_BUDGET_BYTES = 4 * 1024 ** 3
 
@@ -44,6 +46,7 @@ class CamSpec:
     channel_attribution: bool = False
     # the case's target-layer outputs: kept by this run, or used instead of a forward where kept (`LayerCache`)
     layer_cache: Optional[LayerCache] = None
+    uncertainty: bool = False  # also stitch the members' probabilities, mutual information and spread (all tiles)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class CamOutput:
     out_of_memory_retry: bool = False
     channel_attribution: Optional[torch.Tensor] = None  # (n_targets, input channels): sum of |x * dS/dx|
     from_layer_cache: int = 0  # tile forwards replaced by the layer cache
+    uncertainty: Optional[UncertaintyMaps] = None
 
 
 def combine_layers(cams: torch.Tensor) -> torch.Tensor:
@@ -78,6 +82,8 @@ def mirror_combinations(predictor) -> List[tuple]:
 def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: torch.Tensor, spec: CamSpec,
                        on_tile: Optional[Callable[[int, int], None]] = None) -> CamOutput:
     """data: preprocessed (C, *shape). Returns logits and raw CAMs on the CPU, in the same (preprocessed) space."""
+    if spec.uncertainty and spec.only_region is not None:
+        raise CamError('uncertainty maps need every tile of the case; run without a region to re-explain')
     padded, revert, plan, tiles = _padded_plan(predictor, data, spec.only_region, torch.device('cpu'))
     mask = None if spec.mask is None else _pad_mask(predictor, spec.mask)  # each attempt moves the plan
     device = results_device = predictor.device
@@ -100,6 +106,8 @@ def sliding_window_cam(predictor, networks: Sequence[torch.nn.Module], data: tor
     keep = tuple(revert[1:])
     out.logits = out.logits[(slice(None), *keep)].cpu()
     out.cams = out.cams[(slice(None), slice(None), *keep)].cpu()
+    if out.uncertainty is not None:
+        out.uncertainty = out.uncertainty.crop(keep)
     return out
 
 
@@ -247,6 +255,9 @@ class _SlidingWindowRun:
         track = spec.mask is None and spec.region == 'predicted'
         hits = torch.zeros((n_t, *shape), dtype=torch.int16, device=results_device) if track else None
         coverage = torch.zeros(shape, dtype=torch.int16, device=results_device) if track else None
+        lm = p.label_manager
+        unc = UncertaintyStitch(lm.num_segmentation_heads, lm.has_regions, [t.channel for t in spec.targets], shape,
+                                len(self.networks) * len(self.mirrors), results_device) if spec.uncertainty else None
         self.act_store, self.grad_store = {}, {}
         data = self.padded.to(results_device)
         self.attribution = torch.zeros((n_t, data.shape[0]), device=results_device) if spec.channel_attribution \
@@ -256,8 +267,10 @@ class _SlidingWindowRun:
             for j, k in enumerate(self.tiles):
                 sl = plan.slicers[k]
                 share = None if self.volume_pooling else plan.share(k).to(p.device)
-                tile_logits, masks = self._tile(k, data[sl][None].to(p.device), captures, share, cams, sl)
+                tile_logits, masks, members = self._tile(k, data[sl][None].to(p.device), captures, share, cams, sl)
                 logits[sl] += tile_logits.to(results_device) * plan.gaussian
+                if unc is not None:
+                    unc.add(members, sl, plan.gaussian.to(members.device))
                 if track:
                     hits[(slice(None), *sl[1:])] += masks.to(results_device)
                     coverage[sl[1:]] += 1
@@ -278,7 +291,8 @@ class _SlidingWindowRun:
             for i in range(n_t):
                 split = (final[i] & (hits[i] < coverage)) | (~final[i] & (hits[i] > 0))
                 disagreement[i] = float(split.sum()) / max(1, int(final[i].sum()))
-        return CamOutput(logits, cams, len(self.tiles), disagreement, channel_attribution=self.attribution)
+        return CamOutput(logits, cams, len(self.tiles), disagreement, channel_attribution=self.attribution,
+                         uncertainty=None if unc is None else unc.finish(plan.weight_sum))
 
     def _forward(self, f, cap, dims, x, key):
         """One forward of a tile by fold f: (output mirrored back, target-layer outputs). Where the layer cache
@@ -323,7 +337,8 @@ class _SlidingWindowRun:
             x = x.detach().requires_grad_(True)
         with torch.enable_grad() if keep_graphs else torch.no_grad():
             outs, acts = self._forwards(k, x, captures)
-        tile_logits = torch.stack([o.float() for o in outs]).sum(0)[0] / n  # float16 under autocast: sum in float32
+        members = torch.stack([o.float() for o in outs])  # float16 under autocast: sum in float32
+        tile_logits = members.sum(0)[0] / n
         region_mask = None if self.mask is None else self.mask[(Ellipsis, *sl[1:])].to(tile_logits.device)
         masks = target_masks(tile_logits.detach(), spec.targets, self.predictor.label_manager.has_regions,
                              spec.region, region_mask)
@@ -362,7 +377,7 @@ class _SlidingWindowRun:
                     continue
                 raw = method(A, G, tuple(range(2, A.ndim))).clamp(min=0)
                 cams[(i, l, *sl[1:])] += self._to_tile(raw, share).to(self.results_device)
-        return tile_logits, masks
+        return tile_logits, masks, members.detach()[:, 0]
 
     def _backward_one_at_a_time(self, k, x, captures, active, upstreams, grads, masks) -> list:
         """Each forward again, with its graph, and its backward right away: same gradients as the joint backward
